@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root from nothing and install bonn-sweep into it.
+# torch is installed first, pinned to the CPU build (2.13.0), so the resolver never picks a CUDA build.
+# Idempotent: a complete environment is left alone (stamp file keyed on pyproject.toml).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+PY="${PYTHON:-python3}"
+stamp=".venv/.bonn-sweep-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] creating .venv and installing bonn-sweep (first time: ~3 min)" >&2
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >&2
+# CPU torch first: pinned, so nothing later can swap in a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0" >&2
+.venv/bin/python -m pip install -q -e ".[dev]" >&2
+echo "$want" > "$stamp"
+echo "[setup] done" >&2
