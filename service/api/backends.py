@@ -1,0 +1,236 @@
+"""The API's two read/write gateways besides Ray: MLflow (experiment + parent run) and Optuna (trials).
+
+Both are small classes so unit tests can swap them (``app.dependency_overrides``) for stubs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+# The API must answer fast when MLflow is down, not after MLflow's default 7 retries with backoff.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not be reached or refused a request."""
+
+
+class MlflowGateway:
+    """Creates the study's experiment and parent run; finishes the parent run when the study ends."""
+
+    def __init__(self, tracking_uri: str, ui_url: str | None = None) -> None:
+        self.tracking_uri = tracking_uri.rstrip("/")
+        self.ui_url = (ui_url or tracking_uri).rstrip("/")
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def ping(self) -> str:
+        if not self.tracking_uri.startswith("http"):
+            return f"{self.tracking_uri} (local store)"
+        try:
+            r = httpx.get(f"{self.tracking_uri}/health", timeout=3.0)
+        except httpx.HTTPError as exc:
+            raise TrackingError(f"MLflow at {self.tracking_uri} unreachable: {exc}") from exc
+        if r.status_code != 200:
+            raise TrackingError(f"MLflow /health -> {r.status_code}")
+        return "ok"
+
+    def ensure_experiment(self, name: str) -> str:
+        """The id of experiment ``name``, created (or restored from deleted) if needed."""
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                try:
+                    return self.client.create_experiment(name, tags={"bonn_sweep": "1"})
+                except Exception:  # noqa: BLE001 - created concurrently by another request
+                    exp = self.client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        except TrackingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MlflowException, requests errors
+            raise TrackingError(f"MLflow experiment {name!r}: {_short(exc)}") from exc
+
+    def create_parent_run(
+        self, experiment_id: str, *, study_id: str, study_name: str, spec: dict[str, Any], resolved_space: dict
+    ) -> str:
+        try:
+            run = self.client.create_run(
+                experiment_id,
+                run_name=study_name,
+                tags={"study_id": study_id, "study_name": study_name, "bonn_sweep": "1", "bonn_sweep.role": "study"},
+            )
+            run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, v) for k, v in flatten_params(spec).items()]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[i : i + 100])
+            self.client.log_text(run_id, json.dumps(spec, indent=2, sort_keys=True), "study_spec.json")
+            self.client.log_text(run_id, json.dumps(resolved_space, indent=2, sort_keys=True), "search_space.json")
+            return run_id
+        except Exception as exc:  # noqa: BLE001
+            raise TrackingError(f"MLflow parent run: {_short(exc)}") from exc
+
+    def set_run_status(self, run_id: str, status: str) -> None:
+        """``RUNNING`` (resume) or a final status (FINISHED / FAILED / KILLED) if the run is not final yet."""
+        try:
+            run = self.client.get_run(run_id)
+            if status == "RUNNING":
+                if run.info.status != "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
+            elif run.info.status == "RUNNING":
+                self.client.set_terminated(run_id, status=status)
+        except Exception as exc:  # noqa: BLE001
+            raise TrackingError(f"MLflow run {run_id}: {_short(exc)}") from exc
+
+    def run_url(self, experiment_id: str | None, run_id: str | None) -> str | None:
+        if not experiment_id or not run_id:
+            return None
+        return f"{self.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def experiment_url(self, experiment_id: str | None) -> str | None:
+        return f"{self.ui_url}/#/experiments/{experiment_id}" if experiment_id else None
+
+
+def flatten_params(spec: dict[str, Any]) -> dict[str, str]:
+    """``{"objective.metric": "val_acc", "base.epochs": "4", "search_space": "digits-smoke", ...}``."""
+    out: dict[str, str] = {}
+    for key, value in spec.items():
+        if key == "search_space":
+            out["search_space"] = value if isinstance(value, str) else "inline"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                out[f"{key}.{k}"] = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+        else:
+            out[key] = str(value)
+    return {k: v[:6000] for k, v in out.items()}
+
+
+# -- Optuna -------------------------------------------------------------------------------------------
+
+TRIAL_ATTRS = (
+    "tune_trial_id",
+    "mlflow_run_id",
+    "epochs_done",
+    "best_value",
+    "best_epoch",
+    "last_value",
+    "checkpoint_uri",
+    "stop_reason",
+)
+
+
+@dataclass
+class TrialView:
+    number: int
+    state: str
+    value: float | None
+    params: dict[str, Any]
+    user_attrs: dict[str, Any]
+    datetime_start: datetime | None
+    datetime_complete: datetime | None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.datetime_start and self.datetime_complete:
+            return (self.datetime_complete - self.datetime_start).total_seconds()
+        return None
+
+
+@dataclass
+class StudyView:
+    exists: bool
+    trials: list[TrialView] = field(default_factory=list)
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
+        key = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+        for t in self.trials:
+            c[key.get(t.state, "waiting")] += 1
+        c["total"] = len(self.trials)
+        return c
+
+    def best(self, mode: str) -> TrialView | None:
+        done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
+        if not done:
+            return None
+        pick = max if mode == "max" else min
+        return pick(done, key=lambda t: (t.value, -t.number) if mode == "max" else (t.value, t.number))
+
+
+class OptunaReader:
+    """Reads the trials the driver wrote into Optuna's RDB storage (study name = study id)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._storage: Any = None
+
+    @property
+    def storage(self) -> Any:
+        if self._storage is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            kwargs: dict[str, Any] = {}
+            if self.url.startswith("sqlite"):
+                kwargs["engine_kwargs"] = {"connect_args": {"timeout": 30}}
+            self._storage = optuna.storages.RDBStorage(self.url, **kwargs)
+        return self._storage
+
+    def ping(self) -> str:
+        self.storage.get_all_studies()
+        return "ok"
+
+    def study(self, study_id: str) -> StudyView:
+        st = self.storage
+        try:
+            sid = st.get_study_id_from_name(study_id)
+        except KeyError:
+            return StudyView(exists=False)
+        trials = [
+            TrialView(
+                number=t.number,
+                state=t.state.name,
+                value=t.value if t.values is not None and len(t.values) == 1 else None,
+                params=dict(t.params),
+                user_attrs=dict(t.user_attrs),
+                datetime_start=_utc(t.datetime_start),
+                datetime_complete=_utc(t.datetime_complete),
+            )
+            for t in st.get_all_trials(sid, deepcopy=False)
+        ]
+        return StudyView(exists=True, trials=trials, user_attrs=dict(st.get_study_user_attrs(sid)))
+
+
+def _utc(dt: datetime | None) -> datetime | None:
+    """Optuna stores naive local times (``datetime.now()``): make them aware, in UTC."""
+    return dt.astimezone(UTC) if dt is not None else None
+
+
+def _short(exc: BaseException, n: int = 300) -> str:
+    text = f"{exc.__class__.__name__}: {exc}".strip()
+    text = text.splitlines()[0] if text else text
+    return text if len(text) <= n else text[: n - 3] + "..."

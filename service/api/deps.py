@@ -1,0 +1,50 @@
+"""``Annotated`` dependencies. Unit tests swap ``get_jobs`` / ``get_tracking`` / ``get_trials`` for
+stubs with ``app.dependency_overrides``; the components themselves live on ``app.state``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.api.backends import MlflowGateway, OptunaReader
+from service.api.study_service import StudyService
+from service.jobs import RayJobsClient
+from service.settings import Settings
+from service.store import StudyStore
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> StudyStore:
+    return request.app.state.store
+
+
+def get_jobs(request: Request) -> RayJobsClient:
+    return request.app.state.jobs
+
+
+def get_tracking(request: Request) -> MlflowGateway:
+    return request.app.state.tracking
+
+
+def get_trials(request: Request) -> OptunaReader:
+    return request.app.state.trials
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[StudyStore, Depends(get_store)]
+JobsDep = Annotated[RayJobsClient, Depends(get_jobs)]
+TrackingDep = Annotated[MlflowGateway, Depends(get_tracking)]
+TrialsDep = Annotated[OptunaReader, Depends(get_trials)]
+
+
+def get_study_service(
+    settings: SettingsDep, store: StoreDep, jobs: JobsDep, tracking: TrackingDep, trials: TrialsDep
+) -> StudyService:
+    return StudyService(settings, store, jobs, tracking, trials)
+
+
+StudyServiceDep = Annotated[StudyService, Depends(get_study_service)]

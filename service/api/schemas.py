@@ -1,0 +1,132 @@
+"""Request / response models (``*Create`` in, ``*Public`` out)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.spec import StudySpec
+from service.store import StudyStatus
+
+StudyCreate = StudySpec  # the request body of POST /studies
+
+
+class ResumeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_trials: int | None = Field(None, ge=1, description="new total number of trials (extends the study)")
+
+
+class Links(BaseModel):
+    mlflow_run: str | None = Field(None, description="MLflow UI page of the study's parent run")
+    mlflow_experiment: str | None = None
+    ray_job: str | None = Field(None, description="Ray dashboard page of the study's current job")
+
+
+class TrialCounts(BaseModel):
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+    total: int = 0
+
+
+class BestTrial(BaseModel):
+    number: int
+    params: dict[str, Any]
+    value: float | None
+    epoch: int | None = Field(None, description="epoch of the best value")
+    mlflow_run_id: str | None = None
+    checkpoint_uri: str | None = None
+    tune_trial_id: str | None = None
+
+
+class StudySummary(BaseModel):
+    id: str
+    name: str
+    status: StudyStatus
+    num_trials: int
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    error: str | None = None
+    links: Links
+
+
+class StudyPublic(StudySummary):
+    submission_id: str | None = None
+    ray_job_status: str | None = None
+    resume_count: int = 0
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    objective: dict[str, str]
+    trial_counts: TrialCounts
+    best_trial: BestTrial | None = None
+    registered_model: Any | None = None
+    mlflow_experiment_id: str | None = None
+    mlflow_parent_run_id: str | None = None
+    spec: dict[str, Any]
+
+
+class StudiesPublic(BaseModel):
+    data: list[StudySummary]
+    count: int = Field(description="number of studies matching the filter (all pages)")
+    limit: int
+    offset: int
+
+
+class TrialPublic(BaseModel):
+    number: int
+    state: str
+    value: float | None
+    params: dict[str, Any]
+    tune_trial_id: str | None = None
+    mlflow_run_id: str | None = None
+    epochs_done: int | None = None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    last_value: float | None = None
+    checkpoint_uri: str | None = None
+    stop_reason: str | None = None
+    datetime_start: datetime | None = None
+    datetime_complete: datetime | None = None
+    duration_s: float | None = None
+
+
+class TrialsPublic(BaseModel):
+    data: list[TrialPublic]
+    count: int
+
+
+class ComponentHealth(BaseModel):
+    ok: bool
+    detail: str
+    url: str | None = None
+
+
+class HealthPublic(BaseModel):
+    status: str = Field(description="ok | degraded")
+    components: dict[str, ComponentHealth]
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    detail: list[ErrorItem]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": desc}
+    for code, desc in {
+        404: "unknown study id",
+        409: "state conflict / idempotency conflict",
+        422: "validation error (loc names the field)",
+        503: "Ray, MLflow or the store is unavailable",
+    }.items()
+}

@@ -1,0 +1,443 @@
+"""Optuna under Ray Tune, the way a study needs it.
+
+Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
+
+:class:`StudyOptunaSearch`
+    * a trial that ended without error but with fewer epochs than it was configured for (ASHA
+      stopped it) is told to Optuna as ``PRUNED`` -- its last value becomes its last intermediate
+      value, which is what Optuna's samplers read for pruned trials -- instead of ``COMPLETE`` with a
+      partial value (upstream behaviour, which misleads TPE/GP);
+    * an errored trial is ``FAIL``; a trial that ends with no (finite) value is ``FAIL``;
+    * it writes the per-trial user attributes the API reads (``tune_trial_id``, ``stop_reason``,
+      ``epochs_done``, ``last_value``; the MLflow callback adds the rest through
+      :meth:`StudyOptunaSearch.set_trial_attrs`) -- always *before* ``tell``, because Optuna refuses
+      to change a finished trial;
+    * warm-start points are enqueued with ``skip_if_exists`` so a restarted driver never evaluates
+      them twice;
+    * on restore (``Tuner.restore``) it rebinds to the *current* storage object, keeps the restored
+      sampler (its RNG state), and marks Optuna trials that are still ``RUNNING`` but that no Tune
+      trial will continue as ``FAIL`` (orphans of a crash);
+    * a trial that errored, was told ``FAIL`` and is then resumed (``resume_errored=True``) and
+      finishes gets a *new* Optuna trial with the same parameters (``retry_of`` = the failed one):
+      Optuna cannot reopen a finished trial.
+
+:class:`StudyConcurrencyLimiter`
+    ``ConcurrencyLimiter`` that forwards completions of trials it does not track (a trial resumed
+    after an error) instead of dropping them.
+
+:class:`StudySearchGenerator`
+    ``SearchGenerator`` whose number of trials is the *requested* one, also after a restore: Tune
+    restores ``total_samples`` from its saved state (``Tuner.restore`` has no ``num_samples``), so a
+    resume that extends a study's ``num_trials`` would otherwise be ignored. A restored generator
+    that had been ``set_finished()`` (failure limit, time budget) is reopened when trials remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.search_generator import SearchGenerator
+
+logger = logging.getLogger("bonn_sweep.optuna")
+
+STOP_COMPLETED = "completed"
+STOP_EARLY = "early_stopped"
+STOP_ERROR = "error"
+STOP_CANCELLED = "cancelled"
+STOP_REASONS = (STOP_COMPLETED, STOP_EARLY, STOP_ERROR, STOP_CANCELLED)
+
+#: Optuna state per stop reason (cancelled: PRUNED when a value exists, else FAIL -- see callers)
+STATE_FOR_REASON = {
+    STOP_COMPLETED: TrialState.COMPLETE,
+    STOP_EARLY: TrialState.PRUNED,
+    STOP_ERROR: TrialState.FAIL,
+}
+
+
+# -- helpers shared with the MLflow callback ---------------------------------------------------------
+
+
+def epochs_done(result: dict | None) -> int:
+    """Epochs a trial has finished according to its last result (``epoch``, else Tune's iteration)."""
+    if not result:
+        return 0
+    for key in ("epoch", "training_iteration"):
+        v = result.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return int(v)
+    return 0
+
+
+def target_epochs(config_epochs: Any, default_epochs: int, max_t: int | None) -> int:
+    """Epochs after which a trial counts as complete: its ``epochs``, capped by ASHA's ``max_t``."""
+    try:
+        epochs = int(config_epochs) if config_epochs is not None else int(default_epochs)
+    except (TypeError, ValueError):
+        epochs = int(default_epochs)
+    return min(epochs, int(max_t)) if max_t else epochs
+
+
+def classify_stop(epochs: int, target: int, error: bool = False) -> str:
+    """``error`` | ``completed`` (reached its target epochs) | ``early_stopped`` (a scheduler stopped it)."""
+    if error:
+        return STOP_ERROR
+    return STOP_COMPLETED if epochs >= target else STOP_EARLY
+
+
+def _step(result: dict | None, default: int) -> int:
+    """The step Ray's OptunaSearch reports intermediate values at (Tune's training_iteration)."""
+    v = (result or {}).get("training_iteration")
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else max(int(default), 1)
+
+
+def finite(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+# -- samplers ----------------------------------------------------------------------------------------
+
+
+def build_sampler(kind: str, seed: int | None, grid: dict[str, list] | None = None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of a StudySpec ``sampler`` block."""
+    kind = (kind or "tpe").lower()
+    if kind == "tpe":
+        # optuna 5: multivariate off, constant_liar on by default (parallel trials get a "lie")
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(
+                "sampler 'cmaes' needs the `cmaes` package on the cluster (pip install cmaes)"
+            ) from exc
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if kind == "grid":
+        if not grid:
+            raise ValueError("sampler 'grid' needs a non-empty grid (a categorical-only search space)")
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    raise ValueError(f"unknown sampler type {kind!r}")
+
+
+def grid_size(grid: dict[str, list] | None) -> int:
+    n = 1
+    for values in (grid or {}).values():
+        n *= max(1, len(values))
+    return n
+
+
+class DefineByRun:
+    """Picklable define-by-run wrapper: samples with the space, returns its fixed values except the
+    keys ``base`` overrides (the trial config is ``{**fixed, **sampled, **base}``; Tune merges what a
+    define-by-run function returns *over* the param space, so base keys must not come back here)."""
+
+    def __init__(self, space: Any, drop_keys: Iterable[str] = ()):
+        self.space = space
+        self.drop_keys = frozenset(drop_keys)
+
+    def __call__(self, trial: Any) -> dict[str, Any] | None:
+        fixed = self.space.define_by_run(trial) or {}
+        return {k: v for k, v in dict(fixed).items() if k not in self.drop_keys} or None
+
+
+# -- the searcher ------------------------------------------------------------------------------------
+
+
+class StudyOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` with PRUNED for early-stopped trials, user attrs and restore hygiene."""
+
+    #: attributes that stay those of the live object on restore (not the pickled ones)
+    _LIVE_ATTRS = ("_space", "_storage", "_study_name", "_default_epochs", "_max_t", "_echo")
+
+    def __init__(
+        self,
+        space: Callable | dict,
+        *,
+        metric: str,
+        mode: str,
+        sampler: optuna.samplers.BaseSampler,
+        storage: optuna.storages.BaseStorage,
+        study_name: str,
+        points_to_evaluate: list[dict] | None = None,
+        default_epochs: int = 10,
+        max_t: int | None = None,
+        echo: Callable[[str], None] | None = None,
+    ):
+        self._default_epochs = int(default_epochs)
+        self._max_t = int(max_t) if max_t else None
+        self._target: dict[str, int] = {}  # tune trial id -> epochs that make it complete
+        self._retries: dict[str, int] = {}  # tune trial id -> number of the FAIL trial it re-ran
+        self._echo = echo
+        # warm starts are enqueued here (skip_if_exists), not by the base class
+        super().__init__(
+            space=space, metric=metric, mode=mode, sampler=sampler, storage=storage, study_name=study_name
+        )
+        self.enqueue_points(points_to_evaluate or [])
+
+    # -- public helpers ------------------------------------------------------------------------------
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def enqueue_points(self, points: list[dict]) -> int:
+        n = 0
+        for p in points:
+            try:
+                before = len(self._ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+                self._ot_study.enqueue_trial(dict(p), skip_if_exists=True)
+                after = len(self._ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+                n += int(after > before)
+            except Exception as exc:  # noqa: BLE001 - a bad warm start must not kill the study
+                logger.warning("could not enqueue warm-start point %s: %s", p, exc)
+        return n
+
+    def optuna_trial(self, tune_trial_id: str) -> optuna.Trial | None:
+        return self._ot_trials.get(tune_trial_id)
+
+    def trial_number(self, tune_trial_id: str) -> int | None:
+        t = self._ot_trials.get(tune_trial_id)
+        return t.number if t is not None else None
+
+    def set_trial_attrs(self, tune_trial_id: str, attrs: dict[str, Any]) -> bool:
+        """Write user attrs on the trial's Optuna trial while it is still running (else a no-op)."""
+        t = self._ot_trials.get(tune_trial_id)
+        if t is None or tune_trial_id in self._completed_trials:
+            return False
+        ok = True
+        for k, v in attrs.items():
+            try:
+                t.set_user_attr(k, v)
+            except Exception as exc:  # noqa: BLE001 - finished trial, storage hiccup
+                ok = False
+                logger.debug("set_user_attr(%s) on trial %s failed: %s", k, t.number, exc)
+        return ok
+
+    # -- Searcher API --------------------------------------------------------------------------------
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        if params is None or params == Searcher.FINISHED:
+            return params
+        self._target[trial_id] = target_epochs(params.get("epochs"), self._default_epochs, self._max_t)
+        self.set_trial_attrs(trial_id, {"tune_trial_id": trial_id})
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            return  # e.g. a trial resumed after a restore without searcher state
+        try:
+            super().on_trial_result(trial_id, result)
+        except Exception as exc:  # noqa: BLE001 - NaN metric, storage hiccup
+            logger.debug("report for %s failed: %s", trial_id, exc)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            logger.warning("completion of unknown trial %s ignored (no Optuna trial)", trial_id)
+            return
+        if trial_id in self._completed_trials:
+            # finished before (e.g. FAIL), resumed with resume_errored=True, finished again
+            self._record_retry(trial_id, result, error)
+            return
+        state, value, reason, epochs = self.decide(trial_id, result, error)
+        attrs: dict[str, Any] = {"stop_reason": reason, "epochs_done": epochs}
+        if value is not None:
+            attrs["last_value"] = value
+        self.set_trial_attrs(trial_id, attrs)
+        self._tell(ot_trial, state, value, _step(result, epochs))
+        self._completed_trials.add(trial_id)
+
+    def decide(self, trial_id: str, result: dict | None, error: bool) -> tuple[TrialState, float | None, str, int]:
+        """(Optuna state, value, stop_reason, epochs done) for a trial that ended with ``result``."""
+        value = finite((result or {}).get(self._metric)) if isinstance(self._metric, str) else None
+        epochs = epochs_done(result)
+        target = self._target.get(trial_id, target_epochs(None, self._default_epochs, self._max_t))
+        if error:
+            return TrialState.FAIL, value, STOP_ERROR, epochs
+        if value is None:
+            # ended without a usable value: stopped before its first report, or NaN/inf
+            reason = STOP_CANCELLED if epochs == 0 else STOP_ERROR
+            return TrialState.FAIL, None, reason, epochs
+        reason = classify_stop(epochs, target)
+        return STATE_FOR_REASON[reason], value, reason, epochs
+
+    def finalize(self, trial_id: str, result: dict | None, reason: str = STOP_CANCELLED) -> bool:
+        """Close a trial Tune will not complete (stopped at the end of a run): PRUNED with its last
+        value if it has one, else FAIL. Returns True if something was told."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return False
+        value = finite((result or {}).get(self._metric)) if isinstance(self._metric, str) else None
+        epochs = epochs_done(result)
+        attrs: dict[str, Any] = {"stop_reason": reason, "epochs_done": epochs}
+        if value is not None:
+            attrs["last_value"] = value
+        self.set_trial_attrs(trial_id, attrs)
+        self._tell(ot_trial, TrialState.PRUNED if value is not None else TrialState.FAIL, value, _step(result, epochs))
+        self._completed_trials.add(trial_id)
+        return True
+
+    def _tell(self, ot_trial: optuna.Trial, state: TrialState, value: float | None, step: int) -> None:
+        try:
+            if state == TrialState.PRUNED:
+                # Optuna takes a pruned trial's value from its last intermediate value; Tune did not
+                # report the result on which the scheduler stopped the trial, so report it here.
+                frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+                if value is not None and step not in frozen.intermediate_values:
+                    ot_trial.report(value, step)
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            elif state == TrialState.COMPLETE:
+                self._ot_study.tell(ot_trial, value, state=TrialState.COMPLETE)
+            else:
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        except RuntimeError as exc:
+            # GridSampler.after_trial calls study.stop() once the grid is exhausted, which raises
+            # outside study.optimize(); the state has been stored already (tell's `finally`).
+            logger.debug("tell(%s) raised after storing the state: %s", ot_trial.number, exc)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not tell Optuna trial %s (%s): %s", ot_trial.number, state.name, exc)
+
+    def _record_retry(self, trial_id: str, result: dict | None, error: bool) -> None:
+        old = self._ot_trials[trial_id]
+        try:
+            frozen = self._ot_study._storage.get_trial(old._trial_id)
+        except Exception:  # noqa: BLE001
+            return
+        if frozen.state != TrialState.FAIL or self._retries.get(trial_id) == frozen.number:
+            return
+        state, value, reason, epochs = self.decide(trial_id, result, error)
+        if state == TrialState.FAIL:
+            return
+        attrs = {**frozen.user_attrs, "stop_reason": reason, "epochs_done": epochs, "retry_of": frozen.number}
+        if value is not None:
+            attrs["last_value"] = value
+        try:
+            new = optuna.trial.create_trial(
+                params=frozen.params,
+                distributions=frozen.distributions,
+                value=value if state == TrialState.COMPLETE else None,
+                state=state if state == TrialState.COMPLETE else TrialState.PRUNED,
+                intermediate_values={epochs or 1: value} if state != TrialState.COMPLETE else None,
+                user_attrs=attrs,
+            )
+            self._ot_study.add_trial(new)
+            self._retries[trial_id] = frozen.number
+            logger.info("trial %s re-ran after FAIL #%s: recorded as a new Optuna trial", trial_id, frozen.number)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not record the re-run of %s: %s", trial_id, exc)
+
+    # -- restore -------------------------------------------------------------------------------------
+    def save(self, checkpoint_path: str) -> None:
+        state = self.__dict__.copy()
+        state.pop("_echo", None)  # a print function of this process
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        live = {k: self.__dict__[k] for k in self._LIVE_ATTRS if k in self.__dict__}
+        super().restore(checkpoint_path)
+        old_trials = dict(self._ot_trials)
+        self.__dict__.update(live)
+        self.__dict__.setdefault("_target", {})
+        self.__dict__.setdefault("_retries", {})
+        # the pickled study/storage point at the URL of the run that saved them; use the live storage
+        self._ot_study = optuna.load_study(
+            study_name=self._study_name,
+            storage=self._storage,
+            sampler=self._sampler,
+            pruner=optuna.pruners.NopPruner(),
+        )
+        self._ot_trials = {}
+        for tid, t in old_trials.items():
+            try:
+                self._ot_trials[tid] = optuna.Trial(self._ot_study, t._trial_id)
+            except Exception as exc:  # noqa: BLE001 - a trial deleted from the storage
+                logger.warning("restored trial %s has no Optuna trial %s: %s", tid, t._trial_id, exc)
+        n = self.fail_orphans()
+        msg = (
+            f"searcher restored: {len(self._ot_trials)} Optuna trials known, "
+            f"{len(self._completed_trials)} finished, {n} orphaned RUNNING trial(s) marked FAIL"
+        )
+        logger.info(msg)
+        if self._echo:
+            self._echo(msg)
+
+    def fail_orphans(self) -> int:
+        """Mark RUNNING Optuna trials that no unfinished Tune trial maps to as FAIL."""
+        active = {t._trial_id for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
+        return fail_running_trials(self._ot_study, keep=active)
+
+
+def fail_running_trials(study: optuna.Study, keep: Iterable[int] = (), reason: str = STOP_CANCELLED) -> int:
+    """Set every RUNNING trial of ``study`` (but those whose storage id is in ``keep``) to FAIL."""
+    keep = set(keep)
+    n = 0
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if ft._trial_id in keep:
+            continue
+        try:
+            study._storage.set_trial_user_attr(ft._trial_id, "stop_reason", reason)
+            study._storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
+            n += 1
+        except Exception as exc:  # noqa: BLE001 - finished meanwhile
+            logger.debug("could not fail orphan trial %s: %s", ft.number, exc)
+    return n
+
+
+# -- Tune wrappers -----------------------------------------------------------------------------------
+
+
+class StudyConcurrencyLimiter(ConcurrencyLimiter):
+    """Forwards completions of untracked trials (resumed after an error) to the searcher."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._limit_concurrency and trial_id not in self.live_trials and not self.batch:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class StudySearchGenerator(SearchGenerator):
+    """SearchGenerator whose total number of trials is ``num_trials``, also after ``Tuner.restore``."""
+
+    def __init__(self, searcher: Searcher, num_trials: int):
+        super().__init__(searcher)
+        self.num_trials = int(num_trials)
+
+    def add_configurations(self, experiments: Any) -> None:
+        super().add_configurations(experiments)
+        self._total_samples = self.num_trials  # Tuner.restore() builds its Experiment with num_samples=1
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        restored_total = self._total_samples
+        self._total_samples = self.num_trials
+        if self._finished and self._counter < self._total_samples:
+            self._finished = False  # stopped early before (failure limit, time budget): resume goes on
+        if restored_total != self._total_samples:
+            logger.info("num_trials %s -> %s on restore (%s created so far)", restored_total, self._total_samples,
+                        self._counter)
+
+    @property
+    def created(self) -> int:
+        return self._counter
+
+    @property
+    def base_searcher(self) -> Searcher:
+        s = self.searcher
+        while hasattr(s, "searcher"):
+            s = s.searcher
+        return s

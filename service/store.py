@@ -1,0 +1,239 @@
+"""The study store (SQLAlchemy 2): one ``studies`` row per POSTed study.
+
+The row is the API's own record of a study: its spec, status, the Ray submission it runs as, and
+the MLflow experiment / parent run it logs to. Trials live in Optuna's storage and MLflow, never here.
+SQLite in the embedded default, Postgres in the compose deployment (same code).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class StudyStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (StudyStatus.SUCCEEDED, StudyStatus.FAILED, StudyStatus.CANCELLED)
+
+    @property
+    def is_active(self) -> bool:
+        return not self.is_terminal
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_study_id() -> str:
+    """12 lowercase hex chars: short enough for Ray submission ids, Tune folder names and URLs."""
+    return secrets.token_hex(6)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=StudyStatus.PENDING.value)
+    spec_json: Mapped[str] = mapped_column(Text)  # the spec as given (canonical JSON)
+    num_trials: Mapped[int] = mapped_column(Integer)  # current target (resume may extend it)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    submission_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # current Ray job
+    resume_count: Mapped[int] = mapped_column(Integer, default=0)
+    ray_job_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    mlflow_parent_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return json.loads(self.spec_json)
+
+    @property
+    def status_enum(self) -> StudyStatus:
+        return StudyStatus(self.status)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    """SQLite drops tzinfo; everything stored here is UTC."""
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=UTC)
+    return dt
+
+
+@event.listens_for(Study, "load")
+def _fix_tz(target: Study, _context: Any) -> None:
+    for attr in ("created_at", "updated_at", "submitted_at", "started_at", "finished_at"):
+        setattr(target, attr, _aware(getattr(target, attr)))
+
+
+class StudyNotFound(LookupError):
+    def __init__(self, study_id: str) -> None:
+        super().__init__(f"no study with id {study_id!r}")
+        self.study_id = study_id
+
+
+class IdempotencyConflict(Exception):
+    """Same Idempotency-Key, different body."""
+
+
+class StudyStore:
+    def __init__(self, url: str) -> None:
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._lock = threading.Lock()  # SQLite has no SELECT ... FOR UPDATE: serialise in-process
+
+    def create_all(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self._sessions() as s:
+            s.execute(select(1))
+
+    # -- reads ------------------------------------------------------------------------------------
+    def get(self, study_id: str) -> Study:
+        with self._sessions() as s:
+            row = s.get(Study, study_id)
+            if row is None:
+                raise StudyNotFound(study_id)
+            return row
+
+    def get_by_idempotency_key(self, key: str) -> Study | None:
+        with self._sessions() as s:
+            return s.scalars(select(Study).where(Study.idempotency_key == key)).first()
+
+    def list(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Study], int]:
+        with self._sessions() as s:
+            q = select(Study)
+            cq = select(func.count()).select_from(Study)
+            if status:
+                q = q.where(Study.status == status)
+                cq = cq.where(Study.status == status)
+            total = s.scalar(cq) or 0
+            rows = s.scalars(q.order_by(Study.created_at.desc(), Study.id).limit(limit).offset(offset)).all()
+            return list(rows), int(total)
+
+    def active(self) -> list[Study]:
+        with self._sessions() as s:
+            q = select(Study).where(Study.status.in_([st.value for st in StudyStatus if st.is_active]))
+            return list(s.scalars(q).all())
+
+    # -- writes -----------------------------------------------------------------------------------
+    def create(
+        self,
+        *,
+        name: str,
+        spec_json: str,
+        num_trials: int,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        study_id: str | None = None,
+    ) -> tuple[Study, bool]:
+        """Insert a PENDING study; returns ``(row, created)``. With an idempotency key already used:
+        ``(existing row, False)`` if the request hash matches, :class:`IdempotencyConflict` otherwise."""
+        row = Study(
+            id=study_id or new_study_id(),
+            name=name,
+            status=StudyStatus.PENDING.value,
+            spec_json=spec_json,
+            num_trials=num_trials,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            created_at=utcnow(),
+            updated_at=utcnow(),
+        )
+        with self._sessions() as s:
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                if idempotency_key is None:
+                    raise
+                existing = self.get_by_idempotency_key(idempotency_key)
+                if existing is None:
+                    raise
+                if existing.request_hash != request_hash:
+                    raise IdempotencyConflict(idempotency_key) from None
+                return existing, False
+            return row, True
+
+    def update(self, study_id: str, **fields: Any) -> Study:
+        with self._sessions() as s:
+            row = s.get(Study, study_id)
+            if row is None:
+                raise StudyNotFound(study_id)
+            for k, v in fields.items():
+                if isinstance(v, StudyStatus):
+                    v = v.value
+                setattr(row, k, v)
+            row.updated_at = utcnow()
+            s.commit()
+            return row
+
+    def transition(
+        self, study_id: str, expect: set[StudyStatus], *, expect_submission: str | None | bool = False, **fields: Any
+    ) -> Study | None:
+        """Update only if the current status is in ``expect`` and, when ``expect_submission`` is given
+        (a str or None), the row still points at that submission (compare-and-set, one transaction).
+        Returns None when the row did not match."""
+        with self._lock, self._sessions() as s:
+            row = s.get(Study, study_id, with_for_update=True)
+            if row is None:
+                raise StudyNotFound(study_id)
+            if StudyStatus(row.status) not in expect:
+                return None
+            if expect_submission is not False and row.submission_id != expect_submission:
+                return None
+            for k, v in fields.items():
+                if isinstance(v, StudyStatus):
+                    v = v.value
+                setattr(row, k, v)
+            row.updated_at = utcnow()
+            s.commit()
+            return row

@@ -1,0 +1,64 @@
+"""Real-stack fixtures: a Ray head, an MLflow server and the API (uvicorn), started by
+:func:`service.local.start_stack` in a temporary home on free ports, stopped by pid at the end.
+
+``stack`` (session scope) exposes ``.api_url``, ``.ray_dashboard_url``, ``.ray_address`` (GCS address
+for ``ray.init(address=...)``), ``.mlflow_uri``, ``.home`` (str; ``.home_path`` a Path), ``.settings``
+(a :class:`service.settings.Settings` for this stack) and ``.env()`` (environment variables pointing
+at it). The stack is stopped even when tests fail; a watchdog process stops it if pytest itself is
+killed. Set ``BONN_SWEEP_TEST_STACK_HOME`` to reuse a stack started with ``bonn-sweep up`` (or a
+previous run) in that home: it is then started if needed and left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from service.local import Stack, spawn_watchdog, start_stack, stop_stack
+from tests.conftest import wait_until
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    reuse = os.environ.get("BONN_SWEEP_TEST_STACK_HOME")
+    if reuse:
+        yield start_stack(reuse, num_cpus=2, with_api=True)
+        return
+    home = tmp_path_factory.mktemp("stack") / "home"
+    watchdog = None
+    s = None
+    try:
+        watchdog = spawn_watchdog(home)
+        t0 = time.monotonic()
+        s = start_stack(home, num_cpus=2, with_api=True)
+        print(f"\n[stack] up in {time.monotonic() - t0:.1f}s: api {s.api_url}, ray {s.ray_dashboard_url}, mlflow {s.mlflow_uri}")
+        yield s
+    finally:
+        stop_stack(home, remove_temp=True, quiet=True)
+        if watchdog is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(watchdog.pid, signal.SIGTERM)
+            watchdog.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    """An HTTP client of the stack's API."""
+    with httpx.Client(base_url=stack.api_url or "", timeout=60.0) as client:
+        yield client
+
+
+def wait_for_status(api: httpx.Client, study_id: str, statuses: set[str], timeout: float = 300.0) -> dict:
+    """GET /studies/{id} until its status is one of ``statuses``; returns the body."""
+
+    def poll() -> dict | None:
+        body = api.get(f"/studies/{study_id}").json()
+        return body if body.get("status") in statuses else None
+
+    return wait_until(poll, timeout=timeout, interval=1.0, what=f"study {study_id} to reach {sorted(statuses)}")
