@@ -1,0 +1,167 @@
+"""Training throughput of one model with binarize = none / xnor / bonn, side by side.
+
+Every mode runs the same ``trainables.train.Trainer.train_step`` that ``fit`` uses (forward, CE,
+for ``bonn`` the Bayesian kernel loss and the Bayesian feature loss both on, backward, SGD with the
+fit() parameter groups, the post-step clamps), on
+
+* ``random``: random normal images and labels already on the device (no input pipeline), and, with
+  ``--real-data OUT.npz``,
+* ``real``: the real input pipeline of ``fit`` (device-resident uint8 data, per-epoch permutation,
+  batched crop+flip augmentation for 3-channel data, normalisation).
+
+Prints a markdown table (device, torch version, images/s per mode, ratio bonn/none) to stdout.
+
+    python benchmarks/bench_train.py --model wrn22 --width 16 --device cpu --steps 5 --batch-size 64
+    python benchmarks/bench_train.py --model resnet18 --width 64 --device cuda --batch-size 512 \
+        --steps 50 --compile --real-data data/cifar10-jpg.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from trainables.config import TrainConfig  # noqa: E402
+from trainables.data import DeviceData  # noqa: E402
+from trainables.models import build_model  # noqa: E402
+from trainables.train import Trainer  # noqa: E402
+
+MODES = ("none", "xnor", "bonn")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches_random(device, batch, in_ch, size, num_classes, seed=0):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    x = torch.randn(batch, in_ch, size, size, device=device, generator=g)
+    y = torch.randint(0, num_classes, (batch,), device=device, generator=g)
+    while True:
+        yield x, y
+
+
+def _batches_real(data: DeviceData, batch: int, device):
+    g = torch.Generator(device=device)
+    g.manual_seed(0)
+    while True:
+        yield from data.train_batches(batch, g)
+
+
+def measure(cfg: TrainConfig, device, amp, cl, batches, in_ch, size, num_classes, steps, warmup) -> float:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, in_ch, num_classes, size)
+    trainer = Trainer(cfg, model, num_classes, device, steps_per_epoch=max(steps, 1), amp=amp,
+                      channels_last=cl, log=None)
+    trainer.set_epoch(0)  # bonn: feature loss on from the first step
+    for _ in range(warmup):
+        x, y = next(batches)
+        trainer.train_step(x, y)
+    trainer.read_sums()
+    _sync(device)
+    trainer.reset_sums()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches)
+        trainer.train_step(x, y)
+    sums = trainer.read_sums()  # host sync
+    _sync(device)
+    dt = time.perf_counter() - t0
+    if not all(v == v for v in sums.values()):
+        print(f"warning: non-finite loss in {cfg.binarize}", file=sys.stderr)
+    return steps * cfg.batch_size / dt
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="wrn22", choices=["wrn22", "resnet18", "small_cnn"])
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, 10 with --compile)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--amp", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--real-data", default=None, metavar="NPZ", help="also time the real pipeline on this .npz")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--in-channels", type=int, default=3)
+    ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    ap.add_argument("--repeats", type=int, default=1, help="median over this many timings per cell")
+    ap.add_argument("--modes", default=",".join(MODES))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tri = {"auto": "auto", "true": True, "false": False}
+    base = dict(model=args.model, width=args.width, batch_size=args.batch_size, compile=args.compile,
+                amp=tri[args.amp], channels_last=tri[args.channels_last], device=args.device,
+                lam=1e-4, theta=1e-3, feature_loss_start_epoch=0, epochs=1)
+    probe = TrainConfig.from_dict(base)
+    from trainables.train import resolve_runtime
+
+    device, amp, cl = resolve_runtime(probe)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    warmup = args.warmup if args.warmup is not None else (10 if args.compile else 2)
+    modes = [m for m in args.modes.split(",") if m]
+
+    sources = [("random", None)]
+    if args.real_data:
+        cfg_data = TrainConfig.from_dict({**base, "dataset": "npz", "data_root": args.real_data})
+        sources.append(("real", DeviceData.from_config(cfg_data, device)))
+
+    rows = []
+    for name, data in sources:
+        if data is None:
+            in_ch, size, ncls = args.in_channels, args.image_size, args.num_classes
+        else:
+            in_ch, size, ncls = data.in_channels, data.image_size, data.num_classes
+        res = {}
+        for mode in modes:
+            cfg = TrainConfig.from_dict({**base, "binarize": mode})
+            vals = []
+            for _ in range(args.repeats):
+                batches = (_batches_random(device, args.batch_size, in_ch, size, ncls) if data is None
+                           else _batches_real(data, args.batch_size, device))
+                vals.append(measure(cfg, device, amp, cl, batches, in_ch, size, ncls, args.steps, warmup))
+            res[mode] = statistics.median(vals)
+            print(f"[bench] {name:6s} {mode:5s} {res[mode]:10.1f} images/s", file=sys.stderr, flush=True)
+        rows.append((name, res))
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    print(f"\ndevice: {device.type} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"model {args.model} width {args.width}, batch {args.batch_size}, steps {args.steps} "
+          f"(warmup {warmup}), amp {amp}, channels_last {cl}, compile {args.compile}\n")
+    header = "| data | " + " | ".join(f"{m} (img/s)" for m in modes) + " | bonn/none |"
+    print(header)
+    print("|" + "---|" * (len(modes) + 2))
+    for name, res in rows:
+        ratio = (f"{res['bonn'] / res['none']:.2f}x" if "bonn" in res and "none" in res else "-")
+        print(f"| {name} | " + " | ".join(f"{res[m]:.0f}" for m in modes) + f" | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The flat trial config: one frozen dataclass, validated field by field.
+
+`TrainConfig.from_dict(d)` is the only way in. Missing keys take the defaults below (the paper's
+CIFAR/WRN values where the paper states one, see docs/contracts.md); unknown keys and every broken
+rule raise `ConfigError` whose message is ``"<field>: <rule> (got <value>)"``.
+
+Choices this module makes where the contract is silent (all visible in `to_dict()` and logged by `fit`):
+
+- `block_style=None` resolves to the model's default (`resnet18`: ``bireal_per_conv``; `wrn22`:
+  ``preact``; `small_cnn`: ``plain``), so the logged config always names the block actually built.
+- Numbers from JSON/YAML/Optuna are accepted when they are exact: ``10.0`` is a valid `epochs`, ``1``
+  a valid `lr`; booleans are never numbers.
+- `lr_milestones` must be strictly increasing; `hist_epochs` entries must be >= 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "TrainConfig", "TRIAL_CONFIG_KEYS", "MODELS", "DATASETS", "BLOCK_STYLES"]
+
+
+class ConfigError(ValueError):
+    """A trial-config value that breaks a rule. Message: ``"<field>: <rule> (got <value>)"``."""
+
+    def __init__(self, field: str, rule: str, value: Any):
+        self.field = field
+        self.rule = rule
+        self.value = value
+        super().__init__(f"{field}: {rule} (got {value!r})")
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (type(self), (self.field, self.rule, self.value))
+
+
+MODELS = ("small_cnn", "wrn22", "resnet18")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "npz", "imagefolder")
+BINARIZE = ("bonn", "xnor", "none")
+SCHEDULES = ("step", "cosine")
+SHORTCUTS = ("fp_1x1", "avgpool_pad")
+MU_SIGMA_UPDATES = ("sgd", "closed_form")
+DEVICES = ("auto", "cpu", "cuda")
+#: block styles per model; the first one is the model's default
+BLOCK_STYLES = {
+    "small_cnn": ("plain",),
+    "wrn22": ("preact",),
+    "resnet18": ("bireal_per_conv", "two_conv_hardtanh"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # BONN loss weights (Eq. 9)
+    lam: float = 1e-4
+    theta: float = 1e-3
+    nu: float = 1e-4
+    # optimisation
+    lr: float = 0.01
+    lr_slow_ratio: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    lr_milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
+    lr_gamma: float = 0.2
+    warmup_epochs: int = 0
+    feature_loss_start_epoch: int = 0
+    center_lr: float = 0.5
+    mu_sigma_update: str = "sgd"
+    # network
+    model: str = "small_cnn"
+    width: int = 16
+    block_style: str | None = None
+    shortcut: str = "fp_1x1"
+    dropout: float = 0.0
+    binarize: str = "bonn"
+    # data and run
+    dataset: str = "digits"
+    data_root: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    val_fraction: float = 0.1
+    device: str = "auto"
+    amp: bool | str = "auto"
+    channels_last: bool | str = "auto"
+    compile: bool = False
+    hist_epochs: tuple[int, ...] = (0, 2, 20, 200)
+    num_threads: int = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None = None) -> "TrainConfig":
+        d = dict(d or {})
+        for key in d:
+            if key not in TRIAL_CONFIG_KEYS:
+                close = difflib.get_close_matches(str(key), TRIAL_CONFIG_KEYS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(str(key), f"unknown trial-config key{hint}", d[key])
+        values = {f.name: f.default for f in dataclasses.fields(cls)}
+        values.update(d)
+        out = {name: _RULES[name](name, values[name]) for name in TRIAL_CONFIG_KEYS}
+        _check_cross_field(out)
+        return cls(**out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+TRIAL_CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+# ---------------------------------------------------------------------- rules
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _float(name: str, v: Any) -> float:
+    if not _is_real(v) and hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()  # numpy scalars from samplers
+    if not _is_real(v):
+        raise ConfigError(name, "must be a number", v)
+    v = float(v)
+    if not math.isfinite(v):
+        raise ConfigError(name, "must be finite", v)
+    return v
+
+
+def _int(name: str, v: Any) -> int:
+    if not _is_real(v) and hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(name, "must be an integer", v)
+    return v
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(name, "must be true or false", v)
+    return v
+
+
+def _ge(lo):
+    def rule(name, v):
+        x = _float(name, v)
+        if x < lo:
+            raise ConfigError(name, f"must be >= {lo}", v)
+        return x
+    return rule
+
+
+def _gt(lo):
+    def rule(name, v):
+        x = _float(name, v)
+        if x <= lo:
+            raise ConfigError(name, f"must be > {lo}", v)
+        return x
+    return rule
+
+
+def _interval(lo, hi, closed_lo=False, closed_hi=False):
+    text = f"{'[' if closed_lo else '('}{lo}, {hi}{']' if closed_hi else ')'}"
+
+    def rule(name, v):
+        x = _float(name, v)
+        ok_lo = x >= lo if closed_lo else x > lo
+        ok_hi = x <= hi if closed_hi else x < hi
+        if not (ok_lo and ok_hi):
+            raise ConfigError(name, f"must be in {text}", v)
+        return x
+    return rule
+
+
+def _int_ge(lo):
+    def rule(name, v):
+        x = _int(name, v)
+        if x < lo:
+            raise ConfigError(name, f"must be an integer >= {lo}", v)
+        return x
+    return rule
+
+
+def _any_int(name, v):
+    return _int(name, v)
+
+
+def _choice(options):
+    def rule(name, v):
+        if v not in options:
+            raise ConfigError(name, f"must be one of {list(options)}", v)
+        return v
+    return rule
+
+
+def _bool_or_auto(name, v):
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise ConfigError(name, "must be true, false or 'auto'", v)
+
+
+def _optional_str(name, v):
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ConfigError(name, "must be a non-empty string or null", v)
+    return v
+
+
+def _milestones(name, v):
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise ConfigError(name, "must be a list of numbers in (0, 1)", v)
+    items = list(v)
+    out = []
+    for x in items:
+        if not _is_real(x) or not 0.0 < float(x) < 1.0:
+            raise ConfigError(name, "must be a list of numbers in (0, 1)", v)
+        out.append(float(x))
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ConfigError(name, "must be strictly increasing", v)
+    return tuple(out)
+
+
+def _hist_epochs(name, v):
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise ConfigError(name, "must be a list of integers >= 0", v)
+    out = []
+    for x in v:
+        if isinstance(x, float) and x.is_integer():
+            x = int(x)
+        if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+            raise ConfigError(name, "must be a list of integers >= 0", v)
+        out.append(x)
+    return tuple(sorted(set(out)))
+
+
+def _block_style(name, v):  # checked against the model in _check_cross_field
+    return _optional_str(name, v)
+
+
+_RULES = {
+    "lam": _ge(0),
+    "theta": _ge(0),
+    "nu": _gt(0),
+    "lr": _gt(0),
+    "lr_slow_ratio": _gt(0),
+    "momentum": _interval(0, 1, closed_lo=True),
+    "weight_decay": _ge(0),
+    "schedule": _choice(SCHEDULES),
+    "lr_milestones": _milestones,
+    "lr_gamma": _interval(0, 1, closed_hi=True),
+    "warmup_epochs": _int_ge(0),
+    "feature_loss_start_epoch": _int_ge(0),
+    "center_lr": _gt(0),
+    "mu_sigma_update": _choice(MU_SIGMA_UPDATES),
+    "model": _choice(MODELS),
+    "width": _int_ge(1),
+    "block_style": _block_style,
+    "shortcut": _choice(SHORTCUTS),
+    "dropout": _interval(0, 1, closed_lo=True),
+    "binarize": _choice(BINARIZE),
+    "dataset": _choice(DATASETS),
+    "data_root": _optional_str,
+    "epochs": _int_ge(1),
+    "batch_size": _int_ge(1),
+    "seed": _any_int,
+    "val_fraction": _interval(0, 1),
+    "device": _choice(DEVICES),
+    "amp": _bool_or_auto,
+    "channels_last": _bool_or_auto,
+    "compile": _bool,
+    "hist_epochs": _hist_epochs,
+    "num_threads": _int_ge(0),
+}
+assert set(_RULES) == set(TRIAL_CONFIG_KEYS)
+
+
+def _check_cross_field(out: dict[str, Any]) -> None:
+    styles = BLOCK_STYLES[out["model"]]
+    if out["block_style"] is None:
+        out["block_style"] = styles[0]
+    elif out["block_style"] not in styles:
+        raise ConfigError("block_style", f"must be one of {list(styles)} for model {out['model']!r}",
+                          out["block_style"])
+    if out["dataset"] != "digits" and out["data_root"] is None:
+        raise ConfigError("data_root", f"required for dataset {out['dataset']!r}", None)

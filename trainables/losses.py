@@ -1,0 +1,448 @@
+"""BONN's Bayesian losses: the kernel loss (weight lambda) and the feature loss (weight theta).
+
+Reference: Gu et al., "Bayesian Optimized 1-Bit CNNs", ICCV 2019 (arXiv 1908.06314); the specification
+is docs/bonn-method.md (sections 2-4 and 9). Layers are anything with ``weight`` (latent kernels X,
+``(C_out, C_in, k, k)``), ``w`` (``(k, k)`` or ``(C_in, k, k)``), ``mu`` and ``sigma`` (``(C_out,)``),
+normally :class:`trainables.layers.BonnConv2d`.
+
+Kernel loss, per layer with ``K = C_in k k`` elements per output filter ``i``, ``s = sign(X)``
+(``sign(0) = +1``), ``|X| := s X``, ``X_hat = mean(w) s`` treated as a constant, ``d = |X| - mu_i``::
+
+    L_K = lam/2 * sum_l [ sum ||X_hat - w*X||^2                                  (reconstruction)
+                          + nu * sum_i sigma_i^-2 sum_k d^2                      (drives X)
+                          + nu * sum_i ( sigma_i^-2 mean_k d^2 + log sigma_i^2 ) ] (drives mu, sigma)
+
+This is the optimisation objective of docs/bonn-method.md section 2.4: its autograd gradients are
+exactly the paper's printed gradients (listed, with their equation numbers, in the docstring of
+:func:`bayesian_kernel_loss`): per element for X, averaged over the K elements of a filter for mu and
+sigma. Its *value* therefore differs from the paper's full objective (which has ``nu K log sigma_i^2``
+and no 1/K terms); :func:`kernel_loss_value` computes that one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .binarize import sign
+
+__all__ = [
+    "BayesianFeatureLoss",
+    "bayesian_kernel_loss",
+    "clamp_prior_",
+    "closed_form_mu_sigma_",
+    "kernel_loss_value",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer lists and the cached index plan of the fused implementation
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_layers(layers: Any) -> list:
+    """One layer, an iterable of layers, or a module containing ``BonnConv2d`` layers -> list."""
+    if all(hasattr(layers, a) for a in ("weight", "w", "mu", "sigma")):
+        return [layers]
+    if isinstance(layers, nn.Module):
+        from .layers import bonn_layers
+
+        return bonn_layers(layers)
+    if isinstance(layers, Iterable):
+        return list(layers)
+    raise TypeError(f"layers: expected a BONN layer, an iterable of them or a module (got {type(layers).__name__})")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive layers with identical ``(weight, w)`` shapes: contiguous in the flat layout."""
+
+    x0: int  # slice of the flat kernel vector
+    x1: int
+    w0: int  # slice of the flat modulation vector
+    w1: int
+    layers: int  # m
+    out_ch: int  # C_out
+    k: int  # elements per output filter, C_in k k
+    p: int  # elements of w
+    r: int  # kernel elements per w element, N_l / P_l
+
+
+@dataclass
+class _Plan:
+    """How all layers' kernels are laid out as one flat vector (built once per list of shapes).
+
+    Per-element broadcasts (w, mean(w), mu, sigma) are gathers with precomputed indices; per-filter,
+    per-position and per-layer sums are plain reductions over reshaped slices, one per run of
+    identically shaped consecutive layers. Nothing needs a host sync or atomics (deterministic).
+    """
+
+    numel_x: list[int]  # N_l
+    numel_w: list[int]  # P_l
+    out_ch: list[int]  # C_out of each layer
+    x_shapes: list[torch.Size]
+    w_shapes: list[torch.Size]
+    runs: list[_Run]
+    w_idx: torch.Tensor  # (N,) index into cat(w) of each kernel element
+    f_idx: torch.Tensor  # (N,) global output-filter index of each kernel element
+    w_layer: torch.Tensor  # (sum P_l,) layer index of each w element
+    inv_k: torch.Tensor  # (F,) 1 / K_l for every filter, in the data dtype
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(layers: list) -> _Plan:
+    X0 = layers[0].weight
+    shapes = tuple((tuple(m.weight.shape), tuple(m.w.shape)) for m in layers)
+    key = (X0.device, X0.dtype, shapes)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    w_idx, f_idx, w_layer, inv_k, runs = [], [], [], [], []
+    off_x = off_w = off_f = 0
+    for li, (xs, ws) in enumerate(shapes):
+        if xs[len(xs) - len(ws) :] != ws:
+            raise ValueError(f"w of shape {ws} is not a trailing part of weight's {xs}")
+        n, p, co = math.prod(xs), math.prod(ws), xs[0]
+        k, r = n // co, n // p
+        ar = torch.arange(n, dtype=torch.int64)
+        w_idx.append(off_w + ar % p)
+        f_idx.append(off_f + ar // k)
+        w_layer.append(torch.full((p,), li, dtype=torch.int64))
+        inv_k.append(torch.full((co,), 1.0 / k, dtype=torch.float64))
+        if li > 0 and shapes[li - 1] == (xs, ws):
+            last = runs[-1]
+            runs[-1] = _Run(last.x0, off_x + n, last.w0, off_w + p, last.layers + 1, co, k, p, r)
+        else:
+            runs.append(_Run(off_x, off_x + n, off_w, off_w + p, 1, co, k, p, r))
+        off_x, off_w, off_f = off_x + n, off_w + p, off_f + co
+    idx_dtype = torch.int32 if off_x < 2**31 - 1 else torch.int64
+    dev = X0.device
+    plan = _Plan(
+        numel_x=[math.prod(xs) for xs, _ in shapes],
+        numel_w=[math.prod(ws) for _, ws in shapes],
+        out_ch=[xs[0] for xs, _ in shapes],
+        x_shapes=[torch.Size(xs) for xs, _ in shapes],
+        w_shapes=[torch.Size(ws) for _, ws in shapes],
+        runs=runs,
+        w_idx=torch.cat(w_idx).to(dev, idx_dtype),
+        f_idx=torch.cat(f_idx).to(dev, idx_dtype),
+        w_layer=torch.cat(w_layer).to(dev, idx_dtype),
+        inv_k=torch.cat(inv_k).to(dev, X0.dtype),
+    )
+    if len(_PLANS) >= 16:  # a few models per process at most; keep the cache bounded
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _per_filter_sum(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``x``: flat kernel-layout tensor ``(N, *t)`` -> sums over each output filter ``(F, *t)``."""
+    t = x.shape[1:]
+    return _cat([x[r.x0 : r.x1].view(r.layers * r.out_ch, r.k, *t).sum(1) for r in plan.runs])
+
+
+def _per_position_sum(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``x``: flat kernel-layout tensor ``(N,)`` -> sums over all kernels for each w element ``(sum P_l,)``."""
+    return _cat([x[r.x0 : r.x1].view(r.layers, r.r, r.p).sum(1).view(-1) for r in plan.runs])
+
+
+def _per_layer_mean_w(wc: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Flat modulation vector ``(sum P_l,)`` -> ``mean(w)`` of every layer ``(L,)``."""
+    return _cat([wc[r.w0 : r.w1].view(r.layers, r.p).mean(1) for r in plan.runs])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bayesian kernel loss
+# --------------------------------------------------------------------------------------------------
+
+
+class _FusedKernelLoss(torch.autograd.Function):
+    """All layers at once over the concatenated kernels, with analytic gradients.
+
+    About 30 kernels in total plus one reduction per run of identically shaped consecutive layers
+    (instead of ~15 autograd ops per layer).
+
+    Inputs after ``(plan, lam, nu)``: ``X_1..X_L, w_1..w_L, mu_1..mu_L, sigma_1..sigma_L``.
+    The gradients are computed in forward (they share every intermediate with the value) and scaled
+    by the incoming gradient in backward. No host synchronisation; every reduction is deterministic
+    (gathers and plain reductions, no atomics).
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, lam: float, nu: float, *tensors: torch.Tensor) -> torch.Tensor:
+        L = len(plan.numel_x)
+        Xs, ws, mus, sigmas = tensors[:L], tensors[L : 2 * L], tensors[2 * L : 3 * L], tensors[3 * L :]
+        need = ctx.needs_input_grad[3:]
+        need_x, need_w, need_mu, need_sigma = (any(need[j * L : (j + 1) * L]) for j in range(4))
+
+        X = _flat(Xs)
+        wc = _flat(ws)
+        mc = _flat(mus)
+        sc = _flat(sigmas)
+        wbar = _per_layer_mean_w(wc, plan)  # (L,)
+        pos = torch.stack((wc, wbar.index_select(0, plan.w_layer)), 1).index_select(0, plan.w_idx)
+        w_e, wbar_e = pos.unbind(1)
+        s2 = sc * sc
+        nis = nu / s2  # nu * sigma^-2 per filter
+        fil = torch.stack((mc, nis), 1).index_select(0, plan.f_idx)
+        mu_e, nis_e = fil.unbind(1)
+
+        s = sign(X)
+        d = s * X - mu_e  # |X| - mu (sign(0) = +1: X = 0 sits in the '+' mode)
+        r = w_e * X - wbar_e * s  # w*X - X_hat
+        D1, D2 = _per_filter_sum(torch.stack((d, d * d), 1), plan).unbind(1)  # per filter sum d, sum d^2
+        value = 0.5 * lam * ((r * r).sum() + (nis * D2 * (1.0 + plan.inv_k)).sum() + nu * torch.log(s2).sum())
+
+        saved = []
+        # Gradients wrt X, w, mu, sigma (formulas: docstring of bayesian_kernel_loss).
+        saved.append(lam * (w_e * r + nis_e * d * s) if need_x else None)
+        saved.append(lam * _per_position_sum(r * X, plan) if need_w else None)
+        saved.append(-lam * nis * plan.inv_k * D1 if need_mu else None)
+        saved.append(lam * nu / sc * (1.0 - D2 * plan.inv_k / s2) if need_sigma else None)
+        ctx.plan = plan
+        ctx.has = [t is not None for t in saved]
+        ctx.save_for_backward(*[t for t in saved if t is not None])
+        return value
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        plan: _Plan = ctx.plan
+        L = len(plan.numel_x)
+        it = iter(ctx.saved_tensors)
+        grads = [next(it) if h else None for h in ctx.has]
+        out: list = [None, None, None]
+        specs = (
+            (plan.numel_x, plan.x_shapes),
+            (plan.numel_w, plan.w_shapes),
+            (plan.out_ch, None),
+            (plan.out_ch, None),
+        )
+        for flat, (sizes, shapes) in zip(grads, specs):
+            if flat is None:
+                out.extend([None] * L)
+                continue
+            parts = (flat * g).split(sizes)
+            out.extend(parts if shapes is None else [p.view(sh) for p, sh in zip(parts, shapes)])
+        needs = ctx.needs_input_grad
+        return tuple(o if (i < 3 or needs[i]) else None for i, o in enumerate(out))
+
+
+def _kernel_loss_layerwise(layers: list, lam: float, nu: float) -> torch.Tensor:
+    """Reference implementation (docs/bonn-method.md section 2.4), plain autograd, one layer at a time."""
+    total = None
+    for m in layers:
+        X, w, mu, sigma = m.weight, m.w, m.mu, m.sigma
+        K = X[0].numel()
+        s = sign(X.detach())
+        Xhat = w.detach().mean() * s
+        recon = ((Xhat - w * X) ** 2).sum()
+        mm = mu.view(-1, *([1] * (X.dim() - 1)))
+        s2 = (sigma * sigma).view_as(mm)
+        gmm_x = ((s * X - mm.detach()) ** 2 / s2.detach()).sum()
+        dev2 = (s * X.detach() - mm) ** 2
+        gmm_ms = ((dev2 / s2).flatten(1).sum(1) / K + torch.log(s2.reshape(-1))).sum()
+        term = 0.5 * lam * (recon + nu * (gmm_x + gmm_ms))
+        total = term if total is None else total + term
+    return total
+
+
+def bayesian_kernel_loss(layers: Any, lam: float, nu: float, fused: bool | None = None) -> torch.Tensor:
+    """Bayesian kernel loss ``L_K`` of BONN (kernel part of the full objective) summed over ``layers``.
+
+    ``layers``: one BONN layer, an iterable of them, or a module (its ``BonnConv2d`` layers are used).
+    ``lam`` = lambda, ``nu`` = nu (Python floats). Returns a 0-dim tensor (no host sync). With no
+    layers, or ``lam == 0``, returns a zero that carries no graph.
+
+    With ``s = sign(X)`` (``sign(0) = +1``), ``X_hat = mean(w) s`` (constant inside L_K),
+    ``d = s X - mu_i`` and ``K = C_in k k``, the autograd gradients of the returned scalar are:
+
+    * BONN Eq. 13: ``dL_K/dX = lam * ( w * (w*X - X_hat) + nu sigma_i^-2 d s )``, i.e.
+      ``nu sigma_i^-2 (X - mu_i)`` for ``X >= 0`` and ``nu sigma_i^-2 (X + mu_i)`` for ``X < 0``.
+    * BONN Eq. 16: ``dL_K/dw = lam * sum_i (w*X_i - X_hat_i) * X_i`` (summed over all kernels, reduced
+      to ``w``'s shape).
+    * BONN Eq. 17: ``dL_K/dmu_i = (lam nu / K) sum_k sigma_i^-2 (mu_i - |X_ik|)``.
+    * BONN Eq. 18: ``dL_K/dsigma_i = (lam nu / K) sum_k ( -sigma_i^-3 (|X_ik| - mu_i)^2 + sigma_i^-1 )``.
+
+    The value is the section 2.4 objective, not the paper's objective verbatim (see the module docstring
+    and :func:`kernel_loss_value`). ``fused=True`` evaluates every layer in one custom autograd Function
+    with a fixed number of kernels, whatever the number of layers (index plan cached per layer shapes;
+    meant for eager mode on GPUs, where many small per-layer kernels cost more than the arithmetic);
+    ``fused=False`` is the plain-autograd, layer-by-layer reference of section 2.4 (faster on CPU, and
+    what torch.compile should trace). ``None`` (default) picks ``fused`` on CUDA outside torch.compile,
+    layer-by-layer otherwise. Both give the same value and gradients (to rounding).
+    """
+    ls = _as_layers(layers)
+    if not ls:
+        return torch.zeros(())
+    if lam == 0:
+        return ls[0].weight.new_zeros(())
+    if fused is None:  # under torch.compile the plain-autograd form fuses better and traces cleanly
+        fused = ls[0].weight.is_cuda and not torch.compiler.is_compiling()
+    if not fused:
+        return _kernel_loss_layerwise(ls, float(lam), float(nu))
+    plan = _plan(ls)
+    tensors = [m.weight for m in ls] + [m.w for m in ls] + [m.mu for m in ls] + [m.sigma for m in ls]
+    return _FusedKernelLoss.apply(plan, float(lam), float(nu), *tensors)
+
+
+@torch.no_grad()
+def kernel_loss_value(layers: Any, lam: float, nu: float) -> torch.Tensor:
+    """The kernel part of BONN Eq. 9 itself, for logging: a 0-dim tensor, no graph, no host sync.
+
+    ``lam/2 * sum_l sum_i [ ||X_hat_i - w*X_i||^2 + nu sigma_i^-2 sum_k (|X_ik| - mu_i)^2
+    + nu K log sigma_i^2 ]`` (the two-mode GMM terms in the compact form of bonn-method.md section 2.3,
+    with the per-kernel log-det implied by the paper's sigma gradient). It differs from the value of
+    :func:`bayesian_kernel_loss`, whose mu/sigma part is divided by K so that its gradients match the
+    paper's mu/sigma gradients.
+    """
+    ls = _as_layers(layers)
+    total = torch.zeros((), device=ls[0].weight.device, dtype=ls[0].weight.dtype) if ls else torch.zeros(())
+    for m in ls:
+        X, w, mu, sigma = m.weight, m.w, m.mu, m.sigma
+        K = X[0].numel()
+        s = sign(X)
+        recon = ((w.mean() * s - w * X) ** 2).sum()
+        s2 = sigma * sigma
+        dev2 = ((s * X).flatten(1) - mu[:, None]).pow(2).sum(1)
+        total = total + 0.5 * lam * (recon + nu * (dev2 / s2 + K * torch.log(s2)).sum())
+    return total
+
+
+@torch.no_grad()
+def closed_form_mu_sigma_(layers: Any, eps: float = 1e-8) -> None:
+    """Set ``mu``/``sigma`` to the exact minimisers of the kernel loss, in place ([I], section 2.3).
+
+    ``mu_i = mean_k |X_ik|``, ``sigma_i = sqrt(mean_k (|X_ik| - mu_i)^2)`` clamped to ``>= eps``.
+    Used when ``mu_sigma_update == "closed_form"`` (after each optimizer step). Fused over layers.
+    """
+    ls = _as_layers(layers)
+    if not ls:
+        return
+    plan = _plan(ls)
+    a = _flat([m.weight for m in ls]).abs()
+    mu = _per_filter_sum(a, plan).mul_(plan.inv_k)
+    d = a - mu.index_select(0, plan.f_idx)
+    sig = _per_filter_sum(d * d, plan).mul_(plan.inv_k).sqrt_().clamp_min_(eps)
+    torch._foreach_copy_([m.mu for m in ls], list(mu.split(plan.out_ch)))
+    torch._foreach_copy_([m.sigma for m in ls], list(sig.split(plan.out_ch)))
+
+
+@torch.no_grad()
+def clamp_prior_(layers: Any, eps: float = 1e-8) -> None:
+    """Keep every ``mu`` and ``sigma`` ``>= eps`` in place (one fused multi-tensor op)."""
+    ls = _as_layers(layers)
+    if ls:
+        torch._foreach_clamp_min_([m.mu for m in ls] + [m.sigma for m in ls], eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bayesian feature loss
+# --------------------------------------------------------------------------------------------------
+
+
+class _CenterLossGather(torch.autograd.Function):
+    """``c_y = centers[labels]`` whose backward hands ``centers`` the center-loss update direction.
+
+    Forward: ``c_{y_i}`` for each sample. Backward (ignores the incoming gradient): the gradient of
+    ``centers`` is ``delta_c_j = sum_{i: y_i = j} (c_j - f_i) / (1 + n_j)`` with ``n_j`` the number of
+    samples of class ``j`` in the batch (Wen et al., ECCV 2016, the center loss; BONN updates c_m "using
+    the same strategy as the center loss"). An SGD group with ``lr = alpha``, no momentum and no weight
+    decay then performs ``c_j <- c_j - alpha delta_c_j`` exactly. Features and labels get no gradient
+    here (features get their true gradient through the loss expression instead).
+    """
+
+    @staticmethod
+    def forward(ctx, centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        c_y = centers.index_select(0, labels)
+        ctx.save_for_backward(c_y, features, labels)
+        ctx.num_classes = centers.shape[0]
+        return c_y
+
+    @staticmethod
+    def backward(ctx, _g: torch.Tensor):
+        c_y, features, labels = ctx.saved_tensors
+        M = ctx.num_classes
+        diff = c_y - features.to(c_y.dtype)
+        # index_put_(accumulate=True): no host sync, deterministic under torch.use_deterministic_algorithms.
+        num = diff.new_zeros((M, diff.shape[1])).index_put_((labels,), diff, accumulate=True)
+        cnt = diff.new_zeros((M,)).index_put_((labels,), diff.new_ones(labels.shape), accumulate=True)
+        return num / (1.0 + cnt)[:, None], None, None
+
+
+class BayesianFeatureLoss(nn.Module):
+    """Bayesian feature loss ``L_F`` of BONN, computed on the input of the final FC layer.
+
+    ``centers`` = class centres ``c_m`` and ``log_var`` = ``log sigma_m^2``, both ``(num_classes, dim)``
+    parameters, initialised to 0 (centres at the origin, unit variances) [I]. For features ``f``
+    ``(B, dim)`` and labels ``y`` ``(B,)`` the forward value is
+
+        BONN Eq. 8 (feature part of the full objective), averaged over the batch [I: the paper sums
+        over classes]:
+        ``theta/2 * mean_i [ ||f_i - c_{y_i}||^2
+                             + sum_k ( (f_ik - c_{y_i,k})^2 / sigma^2_{y_i,k} + log sigma^2_{y_i,k} ) ]``.
+
+    Updates:
+
+    * features: the true gradient ``theta/B (f_i - c_{y_i}) (1 + sigma^-2_{y_i})``;
+    * ``log_var``: the plain gradient ``theta/(2B) sum_{i: y_i=m} (1 - (f_ik - c_mk)^2 / sigma^2_mk)``;
+    * ``centers``: the center-loss rule — their ``.grad`` is ``sum_{i:y_i=j}(c_j - f_i)/(1+n_j)``,
+      independent of ``theta``, of the batch size and of the gradient flowing in (see
+      :class:`_CenterLossGather`). Put ``centers`` in their own SGD group with ``lr=center_lr``,
+      ``momentum=0``, ``weight_decay=0`` (:meth:`param_groups`).
+
+    ``theta`` is a plain float attribute that may be changed at any time (e.g. 0 until the epoch at
+    which the feature loss is switched on); it is saved in ``state_dict`` (extra state), as is
+    ``center_lr``. Computation runs in float32 (features are cast to the parameters' dtype), so it is
+    safe under autocast.
+    """
+
+    def __init__(self, num_classes: int, dim: int, theta: float, center_lr: float = 0.5) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.theta = float(theta)
+        self.center_lr = float(center_lr)
+        self.centers = nn.Parameter(torch.zeros(self.num_classes, self.dim))
+        self.log_var = nn.Parameter(torch.zeros(self.num_classes, self.dim))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        f = features.to(self.centers.dtype)
+        labels = labels.long()
+        c = _CenterLossGather.apply(self.centers, f.detach(), labels)
+        lv = self.log_var.index_select(0, labels)
+        d2 = (f - c).square()
+        per_sample = (d2 + d2 * torch.exp(-lv) + lv).sum(1)
+        return (0.5 * self.theta) * per_sample.mean()
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: centres (``center_lr``, plain SGD step) and ``log_var`` (``lr``); no decay."""
+        return [
+            {"params": [self.centers], "lr": self.center_lr, "momentum": 0.0, "weight_decay": 0.0,
+             "dampening": 0.0, "nesterov": False, "name": "feature_centers"},
+            {"params": [self.log_var], "lr": lr, "weight_decay": 0.0, "name": "feature_log_var"},
+        ]
+
+    def get_extra_state(self) -> dict:
+        return {"theta": self.theta, "center_lr": self.center_lr}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.theta = float(state["theta"])
+        self.center_lr = float(state["center_lr"])
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, dim={self.dim}, theta={self.theta}, center_lr={self.center_lr}"

@@ -1,0 +1,481 @@
+"""``fit(config)``: parameter groups, schedule, the training loop, evaluation, checkpoints.
+
+Reads as chapters: errors; learning-rate schedule; parameter groups; the ``Trainer`` (one training
+step, evaluation, state); checkpoints; ``fit``. The interface is pinned in docs/contracts.md.
+
+Loss (Eq. 10): ``L = CE + L_K + L_F`` with the Bayesian kernel loss ``L_K``
+(``trainables.losses.bayesian_kernel_loss``, weight ``lam``) over every ``BonnConv2d`` and the
+Bayesian feature loss ``L_F`` (``BayesianFeatureLoss``, weight ``theta``) on the FC input. Both exist
+only for ``binarize="bonn"``; ``xnor`` and ``none`` train with cross-entropy alone. ``L_F`` is
+switched on at epoch ``feature_loss_start_epoch`` (0-based; before it, it is not computed and logged
+as 0), and skipped entirely when ``theta == 0``; ``L_K`` is skipped when ``lam == 0``.
+
+Optimiser (Alg. 1 line 13; bonn-method.md §4): SGD, ``momentum``, nesterov off, four groups, printed
+with their counts at start:
+
+========== ================================================== ======================== ==============
+group      parameters                                         lr                       weight decay
+========== ================================================== ======================== ==============
+decay      conv and linear weights, latent kernels ``X``      ``lr``                   weight_decay
+no_decay   BatchNorm, PReLU, biases, ``mu``                   ``lr``                   0
+slow       ``w`` and ``sigma`` of every BonnConv2d, ``log_var`` ``lr * lr_slow_ratio``  0
+centers    class centres ``c_m`` (center-loss rule, Wen et al.) ``center_lr``, momentum 0 0
+========== ================================================== ======================== ==============
+
+The schedule (per step; ``step``: multiply by ``lr_gamma`` at ``round(f * epochs)`` for every ``f`` in
+``lr_milestones``; ``cosine``: half cosine to 0 over the epochs after the warm-up; optional linear
+warm-up over ``warmup_epochs``) scales every group but ``centers``, whose rate is the fixed ``alpha``
+of the center loss.
+
+After every optimiser step: ``mu_sigma_update="closed_form"`` sets ``mu``/``sigma`` to their exact
+minimisers (``closed_form_mu_sigma_``); ``mu``, ``sigma`` are then clamped positive (``clamp_prior_``).
+``xnor`` clips its latent weights to [-1, 1] (larq ``WeightClip``; BONN does not call for a clip, its
+STE mask ``|w X| <= 1`` already starves weights outside).
+
+Runtime: on CUDA, bf16 autocast (``amp``) and channels_last (``channels_last``) by default, optional
+``torch.compile`` of the model. Loss sums and correct counts are accumulated on the device and read
+once per epoch (one host sync per epoch in the training loop); a non-finite epoch loss raises
+``TrainingDiverged`` then. ``images_per_s`` = training images / wall time of the training loop.
+
+Checkpoints (``checkpoint_dir/checkpoint.pt``, written atomically after every epoch): model, optimiser,
+scheduler, feature-loss state, RNG states (torch CPU, CUDA, NumPy, Python, the data generator), epoch,
+best validation accuracy and the metric history. Loadable with ``torch.load(weights_only=True)``. If
+the file exists when ``fit`` starts, training resumes from it and continues exactly as the
+uninterrupted run would. Histogram PNGs (``weights_hist_epoch{E:03d}.png``, paper Fig. 3) are written
+after epochs listed in ``hist_epochs``; the epoch-0 plot (initial weights) travels with the first
+checkpoint of a fresh run; every later checkpoint carries only its own epoch's plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError, TrainConfig
+from .data import DeviceData
+from .metrics import bimodality_coefficient, first_binary_weights, save_weight_histogram
+from .models import build_model
+
+__all__ = ["fit", "TrainingDiverged", "load_checkpoint_model", "Trainer", "build_param_groups",
+           "LrFactor", "CHECKPOINT_NAME", "METRIC_KEYS"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+METRIC_KEYS = ("epoch", "train_loss", "ce_loss", "kernel_loss", "feature_loss", "train_acc", "val_acc",
+               "val_loss", "images_per_s", "bimodality", "lr", "epoch_time_s")
+EVAL_BATCH = 1024
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ============================================================================ learning-rate schedule
+class LrFactor:
+    """Multiplier of the base lr after ``step`` optimiser steps (a picklable ``LambdaLR`` lambda)."""
+
+    def __init__(self, schedule: str, epochs: int, steps_per_epoch: int, milestones=(), gamma: float = 1.0,
+                 warmup_epochs: int = 0):
+        self.schedule, self.epochs, self.steps_per_epoch = schedule, epochs, steps_per_epoch
+        self.milestone_epochs = [int(round(f * epochs)) for f in milestones]
+        self.gamma, self.warmup_epochs = gamma, warmup_epochs
+
+    def __call__(self, step: int) -> float:
+        epoch = step // self.steps_per_epoch
+        t = step / self.steps_per_epoch
+        if self.schedule == "step":
+            f = self.gamma ** sum(epoch >= m for m in self.milestone_epochs)
+        else:  # cosine after the warm-up
+            span = max(self.epochs - self.warmup_epochs, 1e-9)
+            p = min(max((t - self.warmup_epochs) / span, 0.0), 1.0)
+            f = 0.5 * (1.0 + math.cos(math.pi * p))
+        if self.warmup_epochs > 0 and t < self.warmup_epochs:
+            f *= (step + 1) / (self.warmup_epochs * self.steps_per_epoch)
+        return f
+
+
+class ConstantFactor:
+    def __call__(self, step: int) -> float:
+        return 1.0
+
+
+# ============================================================================ parameter groups
+def build_param_groups(model: nn.Module, feature_loss: nn.Module | None, cfg: TrainConfig,
+                       log: Callable[[str], None] | None = print) -> list[dict]:
+    """Explicit SGD groups (see the module docstring); prints each group with its counts."""
+    from .layers import bonn_layers
+
+    role: dict[int, str] = {}
+    for m in bonn_layers(model):
+        role[id(m.weight)] = "decay"
+        role[id(m.w)] = "slow"
+        role[id(m.sigma)] = "slow"
+        role[id(m.mu)] = "no_decay"
+        if m.bias is not None:
+            role[id(m.bias)] = "no_decay"
+    if feature_loss is not None:
+        role[id(feature_loss.centers)] = "centers"
+        role[id(feature_loss.log_var)] = "slow"
+    names: dict[str, list[str]] = {"decay": [], "no_decay": [], "slow": [], "centers": []}
+    params: dict[str, list[nn.Parameter]] = {k: [] for k in names}
+    seen: set[int] = set()
+    named = [("model." + n, mod, pn, p) for n, mod in model.named_modules()
+             for pn, p in mod.named_parameters(recurse=False)]
+    if feature_loss is not None:
+        named += [("feature_loss", feature_loss, pn, p) for pn, p in feature_loss.named_parameters(recurse=False)]
+    for mod_name, mod, pn, p in named:
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        r = role.get(id(p))
+        if r is None:
+            r = "decay" if isinstance(mod, (nn.Conv2d, nn.Linear)) and pn == "weight" else "no_decay"
+        names[r].append(f"{mod_name}.{pn}")
+        params[r].append(p)
+    settings = {
+        "decay": dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum),
+        "no_decay": dict(lr=cfg.lr, weight_decay=0.0, momentum=cfg.momentum),
+        "slow": dict(lr=cfg.lr * cfg.lr_slow_ratio, weight_decay=0.0, momentum=cfg.momentum),
+        "centers": dict(lr=cfg.center_lr, weight_decay=0.0, momentum=0.0),
+    }
+    groups = []
+    for g in ("decay", "no_decay", "slow", "centers"):
+        if params[g]:
+            groups.append({"params": params[g], "name": g, **settings[g]})
+            if log:
+                n_el = sum(p.numel() for p in params[g])
+                s = settings[g]
+                log(f"[optim] {g:9s} {len(params[g]):4d} tensors {n_el:>10,d} params  lr={s['lr']:g} "
+                    f"wd={s['weight_decay']:g} momentum={s['momentum']:g}")
+    return groups
+
+
+# ============================================================================ trainer
+def resolve_runtime(cfg: TrainConfig) -> tuple[torch.device, bool, bool]:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda requested but torch.cuda.is_available() is false", cfg.device)
+    dev = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                       else "cpu")
+    amp = (dev.type == "cuda") if cfg.amp == "auto" else bool(cfg.amp)
+    cl = (dev.type == "cuda") if cfg.channels_last == "auto" else bool(cfg.channels_last)
+    return dev, amp, cl
+
+
+class Trainer:
+    """Model, losses, optimiser and schedule of one training; ``train_step`` is the whole step."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, num_classes: int, device: torch.device,
+                 steps_per_epoch: int, amp: bool = False, channels_last: bool = False,
+                 log: Callable[[str], None] | None = print):
+        from .layers import bonn_layers
+
+        self.cfg, self.device, self.amp, self.channels_last = cfg, device, amp, channels_last
+        self.model = model.to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.layers = bonn_layers(self.model)
+        self.bonn = cfg.binarize == "bonn" and bool(self.layers)
+        self.feature_loss = None
+        if self.bonn:
+            from .losses import BayesianFeatureLoss
+
+            self.feature_loss = BayesianFeatureLoss(num_classes, model.feature_dim, cfg.theta,
+                                                    cfg.center_lr).to(device)
+        self.kernel_on = self.bonn and cfg.lam > 0
+        self.feature_on = False  # switched per epoch by set_epoch
+        self.xnor_weights = ([m.weight for m in self.model.modules() if getattr(m, "_backbone_conv", False)]
+                             if cfg.binarize == "xnor" else [])
+        groups = build_param_groups(self.model, self.feature_loss, cfg, log=log)
+        kw = dict(momentum=cfg.momentum, nesterov=False)
+        if device.type == "cuda":
+            kw["fused"] = True
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, **kw)
+        self.steps_per_epoch = steps_per_epoch
+        lam = [ConstantFactor() if g["name"] == "centers" else
+               LrFactor(cfg.schedule, cfg.epochs, steps_per_epoch, cfg.lr_milestones, cfg.lr_gamma,
+                        cfg.warmup_epochs) for g in groups]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+        self.fmodel = torch.compile(self.model) if cfg.compile else self.model
+        self._zero = torch.zeros((), device=device)
+        self.reset_sums()
+
+    # ------------------------------------------------------------------ per epoch
+    def set_epoch(self, epoch: int) -> None:
+        """``epoch`` is 0-based; switches the feature loss on at ``feature_loss_start_epoch``."""
+        self.feature_on = (self.bonn and self.cfg.theta > 0 and epoch >= self.cfg.feature_loss_start_epoch)
+        if self.feature_loss is not None:
+            self.feature_loss.theta = self.cfg.theta if self.feature_on else 0.0
+
+    def reset_sums(self) -> None:
+        self._sums = torch.zeros(4, device=self.device)       # loss, ce, kernel, feature (batch means)
+        self._correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self._steps = 0
+        self._seen = 0
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+
+    def read_sums(self) -> dict[str, float]:
+        """Epoch means so far (one host sync)."""
+        vals = torch.cat([self._sums, self._correct.view(1).float()]).tolist()
+        n = max(self._steps, 1)
+        return {"train_loss": vals[0] / n, "ce_loss": vals[1] / n, "kernel_loss": vals[2] / n,
+                "feature_loss": vals[3] / n, "train_acc": vals[4] / max(self._seen, 1)}
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            feats, logits = self.fmodel(x)
+        ce = F.cross_entropy(logits.float(), y)
+        loss, kl, fl = ce, self._zero, self._zero
+        if self.kernel_on:
+            from .losses import bayesian_kernel_loss
+
+            kl = bayesian_kernel_loss(self.layers, self.cfg.lam, self.cfg.nu)
+            loss = loss + kl
+        if self.feature_on:
+            fl = self.feature_loss(feats.float(), y)
+            loss = loss + fl
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self._after_step()
+        with torch.no_grad():
+            self._sums += torch.stack([loss.detach(), ce.detach(), kl.detach(), fl.detach()])
+            self._correct += (logits.detach().argmax(1) == y).sum()
+        self._steps += 1
+        self._seen += int(y.shape[0])
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        if self.layers:
+            from .losses import clamp_prior_, closed_form_mu_sigma_
+
+            if self.cfg.mu_sigma_update == "closed_form":
+                closed_form_mu_sigma_(self.layers)
+            clamp_prior_(self.layers)
+        if self.xnor_weights:
+            torch._foreach_clamp_min_(self.xnor_weights, -1.0)
+            torch._foreach_clamp_max_(self.xnor_weights, 1.0)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, batches) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) over ``batches``; one host sync."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        n = 0
+        for x, y in batches:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                _, logits = self.fmodel(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            n += int(y.shape[0])
+        self.model.train()
+        loss, corr = torch.stack([loss_sum, correct.float()]).tolist()
+        return loss / max(n, 1), corr / max(n, 1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "feature_loss": self.feature_loss.state_dict() if self.feature_loss is not None else None}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        lambdas = self.scheduler.lr_lambdas
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.scheduler.lr_lambdas = lambdas  # the schedule comes from the config, not the file
+        if self.feature_loss is not None and sd.get("feature_loss") is not None:
+            self.feature_loss.load_state_dict(sd["feature_loss"])
+
+
+# ============================================================================ RNG and checkpoints
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(data_gen: torch.Generator) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+          "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+          "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Mapping[str, Any], data_gen: torch.Generator) -> None:
+    torch.set_rng_state(st["torch"])
+    data_gen.set_state(st["data"])
+    npst = st["numpy"]
+    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    random.setstate((st["python_version"], tuple(st["python"]), None))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_histogram(w, path: Path, epoch: int, title: str, log) -> None:
+    """Fig.-3 histogram; a missing matplotlib costs the plot (with a warning), never the training."""
+    try:
+        save_weight_histogram(w, path, epoch, title=title)
+    except ImportError as e:
+        log(f"[warn] weight histogram of epoch {epoch} not written: {e}")
+
+
+def _hist_name(epoch: int) -> str:
+    return f"weights_hist_epoch{epoch:03d}.png"
+
+
+def _remove_stale_histograms(folder: Path, keep: set[int]) -> None:
+    for p in folder.glob("weights_hist_epoch*.png"):
+        try:
+            e = int(p.stem[len("weights_hist_epoch"):])
+        except ValueError:
+            continue
+        if e not in keep:
+            p.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_checkpoint_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained model (CPU, eval mode) and its config dict from a ``checkpoint.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    ck = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(ck["config"])
+    model = build_model(cfg, **ck["model_meta"])
+    model.load_state_dict(ck["trainer"]["model"])
+    model.eval()
+    return model, ck["config"]
+
+
+# ============================================================================ fit
+def _log_choices(cfg: TrainConfig, data: DeviceData, device, amp, cl, log) -> None:
+    log("[config] " + json.dumps(cfg.to_dict(), sort_keys=True))
+    ms = [int(round(f * cfg.epochs)) for f in cfg.lr_milestones]
+    log(f"[I] model={cfg.model} width={cfg.width} block_style={cfg.block_style} shortcut={cfg.shortcut} "
+        f"binarize={cfg.binarize}; FP: first conv, 1x1 shortcut convs, BN, PReLU, FC; "
+        f"feature loss on the FC input (pooled penultimate feature)")
+    log(f"[I] schedule={cfg.schedule} (step milestones at epochs {ms}, gamma {cfg.lr_gamma}), "
+        f"warmup_epochs={cfg.warmup_epochs}; centers lr fixed at center_lr={cfg.center_lr}; "
+        f"feature loss from epoch {cfg.feature_loss_start_epoch} (0-based); mu_sigma_update={cfg.mu_sigma_update}"
+        f"; mu/sigma clamped positive after each step; xnor latent weights clipped to [-1, 1]")
+    log(f"[I] data {data!r}; val split stratified, seed={cfg.seed}, val_fraction={cfg.val_fraction}; "
+        f"normalisation mean={['%.4f' % m for m in data.mean]} std={['%.4f' % s for s in data.std]}")
+    log(f"[I] device={device} amp(bf16)={amp} channels_last={cl} compile={cfg.compile} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()}")
+
+
+def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None, *, log: Callable[[str], None] | None = None
+        ) -> dict[str, float]:
+    """Train one trial; see docs/contracts.md. Returns the last epoch's metrics."""
+    log = log or (lambda s: print(s, flush=True))
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device, amp, cl = resolve_runtime(cfg)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    _seed_everything(cfg.seed)
+    data = DeviceData.from_config(cfg, device)
+    _log_choices(cfg, data, device, amp, cl, log)
+    model = build_model(cfg, data.in_channels, data.num_classes, data.image_size)
+    trainer = Trainer(cfg, model, data.num_classes, device, data.steps_per_epoch(cfg.batch_size), amp, cl, log)
+    data_gen = torch.Generator(device=device)
+    data_gen.manual_seed(cfg.seed)
+
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpath = ckdir / CHECKPOINT_NAME if ckdir is not None else None
+    start, best, history = 0, {"val_acc": -1.0, "epoch": 0}, []
+    if ckpath is not None and ckpath.exists():
+        ck = load_checkpoint(ckpath)  # CPU: RNG states must stay CPU tensors
+        differs = sorted(k for k, v in ck["config"].items() if cfg.to_dict().get(k) != v)
+        if differs:
+            log(f"[resume] warning: config differs from the checkpoint's in {differs}")
+        trainer.load_state_dict(ck["trainer"])
+        _set_rng_state(ck["rng"], data_gen)
+        start, best, history = int(ck["epoch"]), dict(ck["best"]), list(ck["history"])
+        log(f"[resume] from {ckpath} at epoch {start}")
+        if start >= cfg.epochs and history:
+            return dict(history[-1])
+    elif ckdir is not None:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        if 0 in cfg.hist_epochs:
+            w0 = first_binary_weights(trainer.model)
+            if w0 is not None:
+                _write_histogram(w0, ckdir / _hist_name(0), 0, f"{cfg.model}/{cfg.binarize}", log)
+
+    metrics: dict[str, float] = dict(history[-1]) if history else {}
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        trainer.set_epoch(epoch)
+        trainer.reset_sums()
+        for x, y in data.train_batches(cfg.batch_size, data_gen):
+            trainer.train_step(x, y)
+        sums = trainer.read_sums()  # the sync that ends the training loop
+        t_train = time.perf_counter() - t0
+        if not all(math.isfinite(v) for v in sums.values()):
+            raise TrainingDiverged(f"non-finite training loss in epoch {epoch + 1}: "
+                                   + ", ".join(f"{k}={v}" for k, v in sums.items()))
+        val_loss, val_acc = trainer.evaluate(data.eval_batches("val", EVAL_BATCH))
+        w = first_binary_weights(trainer.model)
+        metrics = {"epoch": epoch + 1, **sums, "val_acc": val_acc, "val_loss": val_loss,
+                   "images_per_s": trainer._seen / t_train,
+                   "bimodality": bimodality_coefficient(w) if w is not None else float("nan"),
+                   "lr": trainer.last_lr}
+        if epoch + 1 == cfg.epochs:
+            metrics["test_loss"], metrics["test_acc"] = trainer.evaluate(data.eval_batches("test", EVAL_BATCH))
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch + 1}
+        history.append(metrics)
+        if ckdir is not None:
+            keep = {epoch + 1} | ({0} if epoch == start == 0 else set())
+            _remove_stale_histograms(ckdir, keep)
+            if epoch + 1 in cfg.hist_epochs and w is not None:
+                _write_histogram(w, ckdir / _hist_name(epoch + 1), epoch + 1, f"{cfg.model}/{cfg.binarize}", log)
+            _atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model_meta": model.model_meta,
+                          "epoch": epoch + 1, "trainer": trainer.state_dict(), "rng": _rng_state(data_gen),
+                          "best": best, "history": history}, ckpath)
+        log("[epoch] " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+        if report is not None:
+            report(dict(metrics))
+    return dict(metrics)
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"
