@@ -13,9 +13,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[setup] creating .venv and installing bonn-sweep (first time: ~3 min)" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >&2
+# pip's configuration on these machines names local index folders that may not exist; drop that noise.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet .venv/bin/python -m pip install -q --upgrade pip >&2
 # CPU torch first: pinned, so nothing later can swap in a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0" >&2
-.venv/bin/python -m pip install -q -e ".[dev]" >&2
+quiet .venv/bin/python -m pip install -q "torch==2.13.0" >&2
+quiet .venv/bin/python -m pip install -q -e ".[dev]" >&2
 echo "$want" > "$stamp"
 echo "[setup] done" >&2

@@ -4,8 +4,8 @@ Every storage location derives from ``home`` (``BONN_SWEEP_HOME``, default ``./.
 set explicitly, so the embedded default needs no configuration and the compose deployment overrides
 the URLs (Postgres, shared volume) through the environment, e.g.::
 
-    BONN_SWEEP_STORE_URL=postgresql+psycopg://bonn:...@postgres/bonn_sweep
-    BONN_SWEEP_OPTUNA_STORAGE=postgresql+psycopg://bonn:...@postgres/optuna
+    BONN_SWEEP_STORE_URL=postgresql+psycopg2://bonn:...@postgres:5432/studies
+    BONN_SWEEP_OPTUNA_STORAGE=postgresql+psycopg2://bonn:...@postgres:5432/optuna
     BONN_SWEEP_TUNE_STORAGE=/shared/tune
     BONN_SWEEP_MLFLOW_TRACKING_URI=http://mlflow:5000
     BONN_SWEEP_RAY_DASHBOARD_URL=http://ray-head:8265

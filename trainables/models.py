@@ -2,7 +2,7 @@
 
 Every model's ``forward(x)`` returns ``(features, logits)``: ``features`` is the input of the final
 fully-connected layer (the globally pooled penultimate feature), the tensor the Bayesian feature loss
-(Eq. 8) acts on (bonn-method.md §3, choice [I] 9).
+(``trainables.losses.BayesianFeatureLoss``) acts on (bonn-method.md §3, choice [I] 9).
 
 Full precision / binary split (BONN §3.5, following XNOR-Net and Bi-Real Net; bnn-practice.md B3/B7):
 the first conv, every 1x1 shortcut conv, BatchNorm, PReLU and the final ``Linear`` are full precision;
