@@ -57,6 +57,7 @@ def _run_row(name: str, args_dict: dict) -> None:
         epochs=epochs, batch_size=args_dict["batch_size"], lr=0.01, schedule="step",
         lr_milestones=[0.3, 0.6, 0.8], lr_gamma=0.2, weight_decay=5e-4, momentum=0.9, nu=1e-4,
         seed=args_dict["seed"], val_fraction=0.1, compile=args_dict["compile"],
+        num_threads=args_dict["threads"],
         feature_loss_start_epoch=int(round(args_dict["finetune_start"] * epochs)),
         hist_epochs=sorted({0, 2, 20, epochs, 200} & set(range(epochs + 1))),
         **ROWS[name],
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of the epochs after which the feature loss is on (paper: fine-tuning)")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per training (0 = leave; 1 for CPU dry runs of several rows)")
     p.add_argument("--out", default="benchmarks/out/cifar10")
     args = p.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
