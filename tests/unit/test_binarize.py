@@ -122,7 +122,12 @@ def test_bonn_binarize_forward_and_eq12_eq15_gradients(w_shape, scale):
     X = with_special_values(rng.standard_normal((co, ci, k, k)) * scale, rng)
     X[0, 0] = 0.0  # a whole 2-D kernel of exact zeros
     w = rng.uniform(0.1, 1.5, size=(k, k) if w_shape == "kxk" else (ci, k, k))
+    # elements exactly on the boundary |w X| = 1 (kept: the indicator is 1{-1 <= w X <= 1})
+    w[..., 0, 0] = 0.5
+    X[1:, :, 0, 0] = 2.0
+    X[1, 1, 0, 0] = -2.0
     G = rng.standard_normal(X.shape)
+    assert (np.abs(w * X) == 1).sum() >= co - 1
     mask_on = (np.abs(w * X) <= 1).mean()
     assert 0.0 < mask_on <= 1.0
     if scale == 2.0:
