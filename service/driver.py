@@ -60,6 +60,7 @@ PAYLOAD_ENV = "BONN_SWEEP_JOB"
 DEFAULT_EPOCHS = 10
 TRIAL_MAX_FAILURES = 2  # retries per trial (Tune FailureConfig.max_failures)
 CHECKPOINTS_TO_KEEP = 2
+NODE_ID_CHARS = 12  # node ids in the job log (enough to tell nodes apart)
 
 
 def echo(msg: str) -> None:
@@ -161,6 +162,7 @@ class StudyPlan:
     gpus_per_trial: float
     data_parallel_workers: int
     default_epochs: int
+    custom_resources: dict[str, float] = field(default_factory=dict)  # per worker, e.g. {"bonn_worker": 1}
 
     @property
     def target_epochs(self) -> int:
@@ -199,6 +201,7 @@ def plan_from_spec(spec_dict: dict[str, Any], num_trials: int | None = None) -> 
         gpus_per_trial=float(spec.resources.gpus_per_trial),
         data_parallel_workers=int(spec.resources.data_parallel_workers),
         default_epochs=default_epochs,
+        custom_resources={str(k): float(v) for k, v in (spec.resources.custom or {}).items()},
     )
 
 
@@ -283,8 +286,10 @@ class StudyMonitor(Callback):
             self.trial_train[trial.trial_id] = self.trial_train.get(trial.trial_id, 0.0) + float(t)
         m = self.plan.metric
         epoch = result.get("epoch", result.get("training_iteration"))
+        node = result.get("node_id")  # the Ray node the trial (its rank 0) runs on, from trainables.tune
         echo(f"trial {trial} epoch {epoch}/{trial.config.get('epochs', self.plan.default_epochs)} "
-             f"{m}={_fmt(result.get(m))} train_loss={_fmt(result.get('train_loss'))}")
+             f"{m}={_fmt(result.get(m))} train_loss={_fmt(result.get('train_loss'))}"
+             + (f" node={node[:NODE_ID_CHARS]}" if isinstance(node, str) and node else ""))
 
     def _ended(self, trial, what: str) -> None:
         t0 = self.trial_start.get(trial.trial_id)
@@ -505,7 +510,8 @@ class StudyDriver:
             storage=storage,
             study_name=p.study_id,
             points_to_evaluate=list(getattr(plan.space, "warm_start_points", None) or []),
-            default_epochs=plan.default_epochs,
+            # the searcher's params never hold base keys (dropped above): a trial's epochs are base's
+            default_epochs=int(plan.base.get("epochs", plan.default_epochs)),
             max_t=plan.max_t,
             echo=echo,
         )
@@ -581,7 +587,8 @@ class StudyDriver:
              + (f"(grace={plan.grace_period}, rf={plan.reduction_factor:g}, max_t={plan.max_t})"
                 if plan.scheduler == "asha" else "")
              + f", objective {plan.metric} ({plan.mode}), resources cpu={plan.cpus_per_trial:g} "
-               f"gpu={plan.gpus_per_trial:g} x{plan.data_parallel_workers}")
+               f"gpu={plan.gpus_per_trial:g} x{plan.data_parallel_workers}"
+             + "".join(f" {k}={v:g}" for k, v in sorted(plan.custom_resources.items())))
         t_fit = time.monotonic()
         fit_error: BaseException | None = None
         try:
@@ -787,17 +794,22 @@ def make_scheduler(plan: StudyPlan):
     return FIFOScheduler()
 
 
+def trial_bundles(plan: StudyPlan) -> list[dict[str, float]]:
+    """The placement-group bundles of one trial: one per data-parallel worker, each with the per-worker
+    CPUs, GPUs and custom resources (bundle 0 is the trial actor itself = rank 0; trainables/tune.py
+    puts ranks 1..N-1 in the others). Custom resources pin trials to the nodes that offer them."""
+    per = {"CPU": plan.cpus_per_trial, "GPU": plan.gpus_per_trial, **plan.custom_resources}
+    return [dict(per) for _ in range(max(1, plan.data_parallel_workers))]
+
+
 def make_trainable(plan: StudyPlan):
     from ray import tune
+    from ray.tune import PlacementGroupFactory
 
     from trainables.tune import train_bonn
 
-    per = {"CPU": plan.cpus_per_trial, "GPU": plan.gpus_per_trial}
-    if plan.data_parallel_workers > 1:
-        from ray.tune import PlacementGroupFactory
-
-        return tune.with_resources(train_bonn, PlacementGroupFactory([per] * plan.data_parallel_workers))
-    return tune.with_resources(train_bonn, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
+    # PACK: a data-parallel trial's workers share a node when one has room (fast gloo/NCCL), else spread
+    return tune.with_resources(train_bonn, PlacementGroupFactory(trial_bundles(plan), strategy="PACK"))
 
 
 def join_uri(base: str, name: str) -> str:

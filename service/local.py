@@ -201,6 +201,7 @@ class Stack:
     procs: dict[str, Proc] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
+    worker_temp_dirs: dict[str, str] = field(default_factory=dict)  # extra Ray nodes (start_ray_worker)
 
     # -- addresses --------------------------------------------------------------------------------
     @property
@@ -502,7 +503,8 @@ def stop_stack(
     if stack is None:
         return []
     stopped = []
-    for name in ("api", "ray", "mlflow"):
+    workers = sorted(n for n in stack.procs if n.startswith(WORKER_NODE_PREFIX))
+    for name in ("api", *workers, "ray", "mlflow"):
         proc = stack.procs.get(name)
         if proc is None or not proc.alive():
             continue
@@ -512,9 +514,145 @@ def stop_stack(
         (Path(stack.home) / STACK_FILE).unlink()
     if remove_temp and stack.ray_temp_dir_is_tmp:
         shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
+    if remove_temp:
+        for d in stack.worker_temp_dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
     if not quiet:
         say("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return stopped
+
+
+# -- more Ray nodes on this machine (multi-node tests) ---------------------------------------------
+
+WORKER_NODE_PREFIX = "ray-worker"
+
+
+def ray_nodes(stack: Stack, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """Every node the head knows (alive and dead), from the dashboard's state API: dicts with
+    ``node_id``, ``state`` (ALIVE/DEAD), ``is_head_node``, ``resources_total``, ..."""
+    r = httpx.get(f"{stack.ray_dashboard_url}/api/v0/nodes", params={"limit": 1000, "detail": "true"},
+                  timeout=timeout_s)
+    r.raise_for_status()
+    data = r.json()
+    inner = data.get("data", {}).get("result", {})
+    return list(inner.get("result", inner) if isinstance(inner, dict) else inner)
+
+
+def start_ray_worker(
+    stack: Stack,
+    *,
+    name: str = WORKER_NODE_PREFIX,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    resources: dict[str, float] | None = None,
+    object_store_mb: int = 200,
+    timeout_s: float = 90.0,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[Proc, str]:
+    """Start one more Ray node on this machine, joined to ``stack``'s head: ``ray start
+    --address=<head GCS> --block`` as a child process in its own session, with free ports of its own
+    and its own short ``--temp-dir`` (Ray 2.60 allows one per node; every node's unix sockets then live
+    apart). Recorded in ``stack.procs[name]`` (``name`` must start with ``ray-worker``), so
+    :func:`stop_stack` stops it too. Waits until the head lists the new node ALIVE with its resources;
+    returns ``(proc, node_id)``.
+    """
+    if not name.startswith(WORKER_NODE_PREFIX):
+        raise StackError(f"worker node names start with {WORKER_NODE_PREFIX!r} (got {name!r})")
+    old = stack.procs.get(name)
+    if old is not None and old.alive():
+        raise StackError(f"{name} is already running (pid {old.pid})")
+    home = Path(stack.home)
+    before = {n.get("node_id") for n in ray_nodes(stack)}
+    used = {stack.gcs_port, stack.dashboard_port, stack.mlflow_port, *([stack.api_port] if stack.api_port else [])}
+
+    def pick() -> int:
+        p = free_port(used)
+        used.add(p)
+        return p
+
+    ports = {
+        "--node-manager-port": pick(),
+        "--object-manager-port": pick(),
+        "--dashboard-agent-listen-port": pick(),
+        "--dashboard-agent-grpc-port": pick(),
+        "--runtime-env-agent-port": pick(),
+        "--metrics-export-port": pick(),
+    }
+    wlo, whi = free_port_range(WORKER_PORT_RANGE, exclude=used)
+    temp_dir = stack.worker_temp_dirs.get(name) or tempfile.mkdtemp(prefix="bsrayw-", dir="/tmp")
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _bin("ray"), "start", "--block",
+        f"--address={stack.ray_address}",
+        f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus", str(num_cpus),
+        "--num-gpus", str(num_gpus),
+        "--object-store-memory", str(object_store_mb * 1024 * 1024),
+        "--min-worker-port", str(wlo),
+        "--max-worker-port", str(whi),
+        "--disable-usage-stats",
+    ]
+    if resources:
+        cmd += ["--resources", json.dumps(resources)]
+    for flag, port in ports.items():
+        cmd += [flag, str(port)]
+    env = {**os.environ, **ENV_EMBEDDED, **(extra_env or {})}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    proc, popen = _spawn(name, cmd, home / "logs" / f"{name}.log", env, cwd=home)
+    stack.procs[name] = proc
+    stack.worker_temp_dirs[name] = temp_dir
+    stack.save()
+    found: dict[str, str] = {}
+
+    def registered() -> bool:
+        for n in ray_nodes(stack):
+            if n.get("node_id") in before or n.get("state") != "ALIVE":
+                continue
+            total = n.get("resources_total") or {}
+            if all(float(total.get(k, -1)) == float(v) for k, v in (resources or {}).items()):
+                found["node_id"] = n["node_id"]
+                return True
+        return False
+
+    try:
+        _wait(name, registered, proc, popen, timeout_s)
+    except BaseException:
+        stop_ray_worker(stack, name, hard=True)
+        raise
+    return proc, found["node_id"]
+
+
+def stop_ray_worker(stack: Stack, name: str = WORKER_NODE_PREFIX, *, hard: bool = False,
+                    grace_s: float = 20.0) -> bool:
+    """Stop a node started by :func:`start_ray_worker`. ``hard=True`` simulates losing the machine:
+    SIGKILL at once to its process group and every descendant (raylet, object store, workers, trial
+    actors). Returns whether something was running."""
+    proc = stack.procs.pop(name, None)
+    stack.save()
+    if proc is None or not proc.alive():
+        return False
+    if hard:
+        _kill_now(proc)
+    else:
+        _stop_proc(proc, grace_s=grace_s)
+    return True
+
+
+def _kill_now(proc: Proc) -> None:
+    targets = {p: _proc_start_time(p) for p in {proc.pid} | _descendants(proc.pid) | _group_members(proc.pgid)}
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pgid, signal.SIGKILL)
+    for p, st in targets.items():
+        if st is not None and _proc_start_time(p) == st:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+    for _ in range(50):
+        _reap(proc.pid)
+        if _proc_start_time(proc.pid) != proc.start_time or _zombie(proc.pid):
+            break
+        time.sleep(0.1)
 
 
 def _stop_proc(proc: Proc, *, grace_s: float, say: Callable[[str], None] = lambda _m: None) -> None:

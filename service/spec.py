@@ -86,10 +86,52 @@ class Budget(_Strict):
     max_failed_trials: int = Field(3, ge=0, description="fail the study after more failed trials than this")
 
 
+#: Ray's own resource names: a StudySpec sets them through cpus_per_trial / gpus_per_trial, never `custom`.
+RAY_RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 class Resources(_Strict):
+    """What one trial asks of the cluster, **per worker** (a data-parallel trial has
+    ``data_parallel_workers`` workers, each with these resources; see trainables/tune.py)."""
+
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0, description="fractions share a GPU (logical, no memory cap)")
     data_parallel_workers: int = Field(1, ge=1, description="workers per trial; resources are per worker")
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per worker, e.g. {bonn_worker: 1}: trials then run only on nodes "
+                    "started with that resource (`ray start --resources`)",
+    )
+
+    @field_validator("data_parallel_workers")
+    @classmethod
+    def _whole_gpus_for_ddp(cls, v: int, info) -> int:
+        gpus = info.data.get("gpus_per_trial")
+        if v > 1 and gpus is not None and gpus not in (0, 1):
+            raise ValueError(
+                f"a data-parallel trial uses one whole GPU per worker: with data_parallel_workers={v}, "
+                f"gpus_per_trial must be 0 or 1 (got {gpus:g}; NCCL cannot put two ranks on one GPU)")
+        return v
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        import math
+
+        for name, amount in v.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError("resource names must be non-empty")
+            if name != name.strip():
+                raise ValueError(f"resource name {name!r} has leading or trailing spaces")
+            if name in RAY_RESERVED_RESOURCES or name.startswith(("node:", "accelerator_type:")):
+                raise ValueError(f"{name!r} is a Ray resource of its own; use cpus_per_trial / gpus_per_trial")
+            if isinstance(amount, bool) or not math.isfinite(amount) or amount <= 0:
+                raise ValueError(f"{name}: amount must be > 0 (got {amount!r})")
+            if amount > 1 and amount != int(amount):
+                raise ValueError(f"{name}: an amount above 1 must be a whole number (Ray's rule; got {amount:g})")
+            if abs(amount * 10000 - round(amount * 10000)) > 1e-6:
+                raise ValueError(f"{name}: Ray resolves resources to 0.0001 (got {amount!r})")
+        return v
 
 
 def _custom(loc: tuple, msg: str, value: Any, kind: str = "value_error") -> InitErrorDetails:

@@ -358,15 +358,31 @@ class DeviceData:
         return x.float() * self._scale + self._shift
 
     def train_batches(self, batch_size: int, generator: torch.Generator | None = None,
-                      augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch: a fresh permutation from ``generator``, full batches, augmented and normalised."""
+                      augment: bool = True, shard: tuple[int, int] | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch: a fresh permutation from ``generator``, full batches, augmented and normalised.
+
+        ``shard=(rank, world)`` (data-parallel training): ``batch_size`` stays the *global* batch; each
+        global batch is cut into ``world`` contiguous slices and this worker gets slice ``rank``
+        (sizes differ by at most one). Every worker must pass an identically seeded ``generator``:
+        the permutation and the augmentation are drawn for the whole global batch on every worker,
+        so the generators stay in step and the union of the slices is exactly the batch a single
+        process would train on.
+        """
         perm = torch.randperm(self.n_train, device=self.device, generator=generator)
         bs = min(batch_size, self.n_train)
+        rank, world = shard if shard is not None else (0, 1)
+        lo, hi = rank * bs // world, (rank + 1) * bs // world
+        crop_flip = augment and self.augment == "crop_flip"
         for s in range(self.steps_per_epoch(batch_size)):
             idx = perm[s * bs:(s + 1) * bs]
+            if world > 1 and not crop_flip:
+                idx = idx[lo:hi]
             x = self.x_train[idx]
-            if augment and self.augment == "crop_flip":
+            if crop_flip:
                 x = augment_crop_flip(x, generator)
+                if world > 1:
+                    x, idx = x[lo:hi], idx[lo:hi]
             yield self.normalize(x), self.y_train[idx]
 
     def eval_batches(self, split: str, batch_size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

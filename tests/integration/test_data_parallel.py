@@ -1,0 +1,184 @@
+"""A data-parallel trial on a real local Ray cluster: the study driver as a real Ray Job.
+
+Two digits trials, one after the other, with ``resources: {cpus_per_trial: 1,
+data_parallel_workers: 2}`` on the 2-CPU cluster of the session ``stack`` fixture (or a Ray head +
+MLflow of this module when the shared stack cannot start): Tune reserves a placement group of two
+1-CPU bundles per trial; rank 0 is the trial actor, rank 1 an actor in the second bundle
+(trainables/tune.py), with a gloo process group between them. ASHA may stop the second trial early
+(a stop ends its rank-1 actor), and the second trial reuses the first one's trial actor
+(``reuse_actors=True``) with a fresh rank-1 actor.
+
+Checks: the study succeeds; every trial reported every epoch it ran with a checkpoint (MLflow metric
+history and checkpoint artifacts per epoch, Tune's checkpoint folder); ``world_size`` = 2 in every
+report and rank 1's own log line in the job log once per trial (the process group really had two
+members); ``val_acc`` on digits > 0.5 after 4 epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("mlflow")
+pytest.importorskip("ray.job_submission")
+
+from mlflow import MlflowClient  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
+
+EPOCHS = 4
+NUM_TRIALS = 2
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+
+@pytest.fixture(scope="module")
+def cluster(request, tmp_path_factory):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        st = request.getfixturevalue("stack")
+        yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
+        return
+    except pytest.FixtureLookupError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - e.g. the API of the shared stack does not start
+        print(f"\n[test_data_parallel] shared stack unavailable ({type(exc).__name__}: {exc}); starting Ray + MLflow")
+    from service.local import start_stack, stop_stack
+
+    home = tmp_path_factory.mktemp("dp-stack") / "home"
+    try:
+        st = start_stack(home, num_cpus=2, with_api=False)
+        yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
+    finally:
+        stop_stack(home, remove_temp=True, quiet=True)
+
+
+def _payload(cluster, name: str) -> dict:
+    from service.spec import StudySpec
+
+    spec = StudySpec.model_validate({
+        "name": name,
+        "search_space": "digits-smoke",
+        # a digits recipe that learns in a few epochs; batch_size is the global batch (2 x 16)
+        "base": {"epochs": EPOCHS, "batch_size": 32, "lr": 0.1, "schedule": "cosine", "hist_epochs": [0, 2],
+                 "device": "cpu"},
+        "sampler": {"type": "tpe", "seed": 0},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "budget": {"num_trials": NUM_TRIALS, "max_concurrent_trials": 1, "max_failed_trials": 0},
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_parallel_workers": 2},
+    })
+    client = MlflowClient(cluster.mlflow_uri)
+    study_id = f"dp-{uuid.uuid4().hex[:10]}"
+    exp_id = client.create_experiment(f"bonn-sweep-{study_id}")
+    parent = client.create_run(exp_id, run_name=name, tags={"study_id": study_id})
+    return {
+        "study_id": study_id,
+        "spec": spec.to_job_spec(),
+        "mlflow_tracking_uri": cluster.mlflow_uri,
+        "experiment_id": exp_id,
+        "parent_run_id": parent.info.run_id,
+        "optuna_storage": f"sqlite:///{cluster.home}/optuna-dp-tests.db",
+        "tune_storage": str(cluster.home / "tune"),
+        "resume": False,
+        "num_trials": NUM_TRIALS,
+    }
+
+
+def _submit(jobs: JobSubmissionClient, payload: dict) -> str:
+    root = str(Path(__file__).resolve().parents[2])
+    return jobs.submit_job(
+        entrypoint=f"{sys.executable} -m service.driver",
+        submission_id=f"{payload['study_id']}-{uuid.uuid4().hex[:4]}",
+        metadata={"study_id": payload["study_id"], "study_name": payload["spec"]["name"]},
+        runtime_env={"env_vars": {
+            "BONN_SWEEP_JOB": json.dumps(payload),
+            "RAY_JOB_STOP_SIGNAL": "SIGINT",
+            "RAY_JOB_STOP_WAIT_TIME_S": "60",
+            "PYTHONPATH": root,
+        }},
+    )
+
+
+def _wait(jobs, job_id, timeout=300.0) -> JobStatus:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = jobs.get_job_status(job_id)
+        if st in TERMINAL:
+            return st
+        time.sleep(1.0)
+    jobs.stop_job(job_id)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{jobs.get_job_logs(job_id)[-4000:]}")
+
+
+def test_data_parallel_trial_two_gloo_workers(cluster):
+    jobs = JobSubmissionClient(cluster.dashboard)
+    payload = _payload(cluster, "dp it digits")
+    t0 = time.monotonic()
+    job = _submit(jobs, payload)
+    status = _wait(jobs, job)
+    wall = time.monotonic() - t0
+    logs = jobs.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+    print(f"\n[test_data_parallel] study wall {wall:.1f}s (submit -> SUCCEEDED)")
+    assert "gpu=0 x2" in logs  # the driver's resource line: 2 workers per trial
+    # rank 1 ran in its own actor and joined the gloo group, once per trial (its fit logs this line;
+    # rank 0's goes to the trial's log): the job log carries the actors' output
+    assert logs.count("[rank 1] [I] data-parallel: rank 1 of 2 (gloo)") == NUM_TRIALS, logs[-6000:]
+
+    # -- Optuna ------------------------------------------------------------------------------------
+    study = optuna.load_study(study_name=payload["study_id"], storage=payload["optuna_storage"])
+    trials = study.get_trials()
+    assert len(trials) == NUM_TRIALS
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}, [t.state for t in trials]
+    assert trials[0].state == TrialState.COMPLETE and trials[0].user_attrs["epochs_done"] == EPOCHS
+    by_tid = {t.user_attrs["tune_trial_id"]: t for t in trials}
+
+    # -- MLflow: one child run per trial, a report per epoch, world_size 2, a checkpoint per epoch --
+    client = MlflowClient(cluster.mlflow_uri)
+    runs = client.search_runs([payload["experiment_id"]],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{payload['parent_run_id']}'")
+    assert sorted(r.data.tags["tune_trial_id"] for r in runs) == sorted(by_tid)
+    finals = []
+    for run in runs:
+        t = by_tid[run.data.tags["tune_trial_id"]]
+        done = t.user_attrs["epochs_done"]
+        assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == t.user_attrs["stop_reason"]
+        val = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
+        assert [m.step for m in val] == list(range(1, done + 1))
+        ws = client.get_metric_history(run.info.run_id, "world_size")
+        assert sorted(m.step for m in ws) == list(range(1, done + 1)) and {m.value for m in ws} == {2.0}
+        arts = set()
+        for f in client.list_artifacts(run.info.run_id, "checkpoints"):
+            arts |= {g.path for g in client.list_artifacts(run.info.run_id, f.path)}
+        for e in range(1, done + 1):
+            assert f"checkpoints/epoch_{e:03d}/checkpoint.pt" in arts, sorted(arts)
+        if done == EPOCHS:
+            finals.append([round(m.value, 3) for m in val])
+    assert finals and max(f[-1] for f in finals) > 0.5, finals
+
+    # -- Tune: one result per epoch, each with node_id and world_size 2; checkpoints readable -------
+    import torch
+
+    exp = Path(payload["tune_storage"]) / payload["study_id"]
+    trial_dirs = [d for d in exp.iterdir() if d.is_dir() and d.name.startswith("train_bonn_")]
+    assert len(trial_dirs) == NUM_TRIALS
+    for trial_dir in trial_dirs:
+        results = [json.loads(ln) for ln in (trial_dir / "result.json").read_text().splitlines() if ln.strip()]
+        rows = [r for r in results if "epoch" in r]
+        done = by_tid[rows[0]["trial_id"]].user_attrs["epochs_done"]
+        assert [r["epoch"] for r in rows] == list(range(1, done + 1))
+        assert all(r.get("world_size") == 2 and r.get("node_id") for r in rows)
+        ckpts = sorted(trial_dir.glob("checkpoint_*/checkpoint.pt"))
+        assert ckpts, f"no Tune checkpoint kept in {trial_dir.name}"
+        ck = torch.load(ckpts[-1], weights_only=True, map_location="cpu")
+        assert ck["epoch"] in range(1, done + 1) and ck["config"]["batch_size"] == 32
+    print(f"[test_data_parallel] val_acc by epoch of the completed trial(s): {finals}")
