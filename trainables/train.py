@@ -44,6 +44,43 @@ the file exists when ``fit`` starts, training resumes from it and continues exac
 uninterrupted run would. Histogram PNGs (``weights_hist_epoch{E:03d}.png``, paper Fig. 3) are written
 after epochs listed in ``hist_epochs``; the epoch-0 plot (initial weights) travels with the first
 checkpoint of a fresh run; every later checkpoint carries only its own epoch's plot.
+
+Data parallelism (``torch.distributed`` initialised by the caller with world size W > 1, e.g. by
+``trainables.tune`` for a trial with ``data_parallel_workers`` > 1; gloo on CPU, NCCL on CUDA). Every
+worker runs ``fit`` with the same config; ``fit`` then behaves as one training on W devices:
+
+* ``batch_size`` is the **global** batch: each step's batch (the same permutation and augmentation
+  draws on every worker, from identically seeded generators) is cut into W contiguous slices, one
+  per worker (``DeviceData.train_batches(shard=...)``); ``batch_size`` must be >= W. Steps per
+  epoch, the lr schedule and the checkpoints are those of the single-process run.
+* Gradients are all-reduced (averaged) after every backward, as one flat buffer per dtype, over
+  every parameter the optimiser holds (model, ``mu``/``sigma``/``w`` of the kernel prior, the
+  feature loss' ``centers``/``log_var``). The model is not wrapped in ``DistributedDataParallel``:
+  the kernel loss and the feature loss use parameters outside the model's forward, and the set of
+  parameters with gradients changes with the epoch (feature loss start) and ``lam``, which DDP's
+  reducer cannot follow without ``find_unused_parameters`` (which would misclassify them). Worker r
+  scales its cross-entropy and feature loss by ``n_r * W / B`` (``n_r`` its slice, ``B`` the global
+  batch), so the averaged gradient is the gradient of the global-batch mean loss; the Bayesian
+  kernel loss depends only on the parameters, is computed on every worker's replica (the replicas
+  are identical) and is not scaled, so its averaged gradient is its own.
+* The feature-loss centres follow the center-loss rule (``BayesianFeatureLoss``): their ``.grad``
+  on worker r is ``sum_{i in slice r, y_i=j} (c_j - f_i) / (1 + n_j^r)`` with ``n_j^r`` the class
+  count *in that worker's slice*, independent of the loss scale. After averaging, each centre moves by the
+  mean over workers of their slice-wise center-loss steps: close to the single-process step when
+  every worker sees many samples of a class, smaller when few do (a worker without class j in its
+  slice contributes 0 for ``c_j``).
+* BatchNorm normalises with the statistics of each worker's slice (as plain DDP does; no
+  SyncBatchNorm); the running statistics are averaged over the workers after every epoch, before
+  evaluation and the checkpoint, so all replicas stay identical.
+* The parameters and buffers are broadcast from rank 0 at the start; on resume only rank 0 reads
+  ``checkpoint.pt`` and broadcasts it (RNG states included: every worker's data generator must stay
+  in step). Validation and test batches are split across the workers like training batches.
+* Metrics are all-reduced, so every worker computes the same numbers: loss terms are the mean over
+  steps of the global-batch loss, accuracies count every worker's samples, ``images_per_s`` is the
+  global throughput over the slowest worker's training time, ``epoch_time_s`` the slowest worker's;
+  the report carries ``world_size`` too. Only rank 0 writes checkpoints and PNGs
+  (``checkpoint_dir`` is ignored on the other ranks); ``report`` is called on every rank that
+  passes one (``trainables.tune`` passes it on rank 0 only).
 """
 
 from __future__ import annotations
@@ -67,7 +104,7 @@ from .metrics import bimodality_coefficient, first_binary_weights, save_weight_h
 from .models import build_model
 
 __all__ = ["fit", "TrainingDiverged", "load_checkpoint_model", "Trainer", "build_param_groups",
-           "LrFactor", "CHECKPOINT_NAME", "METRIC_KEYS"]
+           "LrFactor", "CHECKPOINT_NAME", "METRIC_KEYS", "DistContext"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -81,13 +118,19 @@ class TrainingDiverged(RuntimeError):
 
 
 # ============================================================================ learning-rate schedule
+def milestone_epochs(fractions, epochs: int) -> list[int]:
+    """Step-schedule milestones as epochs: ``fraction * epochs`` rounded half up, never epoch 0
+    (0.3/0.6/0.8 of 200 -> 60/120/160, the WRN recipe the paper follows on CIFAR)."""
+    return [max(1, math.floor(f * epochs + 0.5)) for f in fractions]
+
+
 class LrFactor:
     """Multiplier of the base lr after ``step`` optimiser steps (a picklable ``LambdaLR`` lambda)."""
 
     def __init__(self, schedule: str, epochs: int, steps_per_epoch: int, milestones=(), gamma: float = 1.0,
                  warmup_epochs: int = 0):
         self.schedule, self.epochs, self.steps_per_epoch = schedule, epochs, steps_per_epoch
-        self.milestone_epochs = [int(round(f * epochs)) for f in milestones]
+        self.milestone_epochs = milestone_epochs(milestones, epochs)
         self.gamma, self.warmup_epochs = gamma, warmup_epochs
 
     def __call__(self, step: int) -> float:
@@ -160,6 +203,66 @@ def build_param_groups(model: nn.Module, feature_loss: nn.Module | None, cfg: Tr
     return groups
 
 
+# ============================================================================ data parallelism
+class DistContext:
+    """Rank and world size of the ``torch.distributed`` process group fit runs in (1 = none), and the
+    few collectives ``fit`` needs. Inactive (every method a no-op) without an initialised group of
+    more than one process."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.active = bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        self.backend = str(dist.get_backend()) if self.active else None
+
+    def shard(self) -> tuple[int, int] | None:
+        return (self.rank, self.world) if self.active else None
+
+    def slice_bounds(self, n: int) -> tuple[int, int]:
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t
+
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """In-place mean over the workers of ``tensors`` (one flat buffer per dtype)."""
+        if not self.active or not tensors:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for ts in by_dtype.values():
+            flat = _flatten_dense_tensors(ts)
+            self.all_reduce_(flat)
+            flat.div_(self.world)
+            for t, r in zip(ts, _unflatten_dense_tensors(flat, ts)):
+                t.copy_(r)
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
+    def broadcast_object(self, obj: Any, device: torch.device) -> Any:
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, device=device if self.backend == "nccl" else None)
+        return box[0]
+
+
 # ============================================================================ trainer
 def resolve_runtime(cfg: TrainConfig) -> tuple[torch.device, bool, bool]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -176,10 +279,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, num_classes: int, device: torch.device,
                  steps_per_epoch: int, amp: bool = False, channels_last: bool = False,
-                 log: Callable[[str], None] | None = print):
+                 log: Callable[[str], None] | None = print, dist: DistContext | None = None):
         from .layers import bonn_layers
 
         self.cfg, self.device, self.amp, self.channels_last = cfg, device, amp, channels_last
+        self.dist = dist or DistContext()
         self.model = model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -224,19 +328,30 @@ class Trainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]
 
     def read_sums(self) -> dict[str, float]:
-        """Epoch means so far (one host sync)."""
-        vals = torch.cat([self._sums, self._correct.view(1).float()]).tolist()
-        n = max(self._steps, 1)
+        """Epoch means so far (one host sync; under data parallelism one all-reduce, the same numbers on
+        every worker: loss terms averaged over the workers' scaled slice losses = global-batch means)."""
+        t = torch.cat([self._sums, self._correct.view(1).float(),
+                       torch.tensor([float(self._seen)], device=self.device)])
+        vals = self.dist.all_reduce_(t).tolist()
+        n = max(self._steps, 1) * self.dist.world
+        self.global_seen = int(round(vals[5]))
         return {"train_loss": vals[0] / n, "ce_loss": vals[1] / n, "kernel_loss": vals[2] / n,
-                "feature_loss": vals[3] / n, "train_acc": vals[4] / max(self._seen, 1)}
+                "feature_loss": vals[3] / n, "train_acc": vals[4] / max(vals[5], 1.0)}
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, global_batch: int | None = None) -> None:
+        """One optimiser step on ``(x, y)``; under data parallelism ``(x, y)`` is this worker's slice of a
+        global batch of ``global_batch`` samples (see the module docstring)."""
+        scale = 1.0
+        if self.dist.active:
+            scale = float(y.shape[0]) * self.dist.world / float(global_batch or y.shape[0] * self.dist.world)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             feats, logits = self.fmodel(x)
         ce = F.cross_entropy(logits.float(), y)
+        if scale != 1.0:
+            ce = ce * scale
         loss, kl, fl = ce, self._zero, self._zero
         if self.kernel_on:
             from .losses import bayesian_kernel_loss
@@ -245,9 +360,14 @@ class Trainer:
             loss = loss + kl
         if self.feature_on:
             fl = self.feature_loss(feats.float(), y)
+            if scale != 1.0:
+                fl = fl * scale
             loss = loss + fl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dist.active:
+            self.dist.average_([p.grad for g in self.optimizer.param_groups for p in g["params"]
+                                if p.grad is not None])
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -273,12 +393,18 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, batches) -> tuple[float, float]:
-        """(mean cross-entropy, accuracy) over ``batches``; one host sync."""
+        """(mean cross-entropy, accuracy) over ``batches``; one host sync. Under data parallelism each
+        worker evaluates its slice of every batch and the sums are all-reduced."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         n = 0
         for x, y in batches:
+            if self.dist.active:
+                lo, hi = self.dist.slice_bounds(int(y.shape[0]))
+                x, y = x[lo:hi], y[lo:hi]
+                if hi <= lo:
+                    continue
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -287,8 +413,29 @@ class Trainer:
             correct += (logits.argmax(1) == y).sum()
             n += int(y.shape[0])
         self.model.train()
-        loss, corr = torch.stack([loss_sum, correct.float()]).tolist()
+        t = torch.stack([loss_sum, correct.float(), torch.tensor(float(n), device=self.device)])
+        loss, corr, n = self.dist.all_reduce_(t).tolist()
         return loss / max(n, 1), corr / max(n, 1)
+
+    # ------------------------------------------------------------------ data parallelism
+    def _state_tensors(self, buffers_only: bool = False) -> list[torch.Tensor]:
+        mods = [self.model] + ([self.feature_loss] if self.feature_loss is not None else [])
+        out: list[torch.Tensor] = []
+        for m in mods:
+            if not buffers_only:
+                out += [p.data for p in m.parameters()]
+            out += list(m.buffers())
+        return out
+
+    @torch.no_grad()
+    def broadcast_state(self) -> None:
+        """Parameters and buffers of rank 0 to every worker (start of a data-parallel training)."""
+        self.dist.broadcast_(self._state_tensors())
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average the floating-point buffers (BatchNorm running statistics) over the workers."""
+        self.dist.average_([b for b in self._state_tensors(buffers_only=True) if b.is_floating_point()])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -296,12 +443,23 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "feature_loss": self.feature_loss.state_dict() if self.feature_loss is not None else None}
 
+    @torch.no_grad()
+    def parameters_finite(self) -> bool:
+        """Whether every parameter the optimiser holds is finite (one pass, one host sync)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norms = torch._foreach_norm(params)
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
-        lambdas = self.scheduler.lr_lambdas
-        self.scheduler.load_state_dict(sd["scheduler"])
-        self.scheduler.lr_lambdas = lambdas  # the schedule comes from the config, not the file
+        # The schedule (epochs, milestones, steps per epoch, warm-up) and the base lrs come from the
+        # config, not the file: only the step counter is restored. ``LambdaLR.load_state_dict`` would
+        # otherwise write the saved lambdas' attributes into ours.
+        base_lrs = list(self.scheduler.base_lrs)
+        sched = {k: v for k, v in sd["scheduler"].items() if k != "lr_lambdas"}
+        self.scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        self.scheduler.base_lrs = base_lrs
         if self.feature_loss is not None and sd.get("feature_loss") is not None:
             self.feature_loss.load_state_dict(sd["feature_loss"])
 
@@ -383,7 +541,7 @@ def load_checkpoint_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str,
 # ============================================================================ fit
 def _log_choices(cfg: TrainConfig, data: DeviceData, device, amp, cl, log) -> None:
     log("[config] " + json.dumps(cfg.to_dict(), sort_keys=True))
-    ms = [int(round(f * cfg.epochs)) for f in cfg.lr_milestones]
+    ms = milestone_epochs(cfg.lr_milestones, cfg.epochs)
     log(f"[I] model={cfg.model} width={cfg.width} block_style={cfg.block_style} shortcut={cfg.shortcut} "
         f"binarize={cfg.binarize}; FP: first conv, 1x1 shortcut convs, BN, PReLU, FC; "
         f"feature loss on the FC input (pooled penultimate feature)")
@@ -400,9 +558,13 @@ def _log_choices(cfg: TrainConfig, data: DeviceData, device, amp, cl, log) -> No
 def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] | None = None,
         checkpoint_dir: str | os.PathLike | None = None, *, log: Callable[[str], None] | None = None
         ) -> dict[str, float]:
-    """Train one trial; see docs/contracts.md. Returns the last epoch's metrics."""
+    """Train one trial; see docs/contracts.md. Returns the last epoch's metrics.
+
+    Inside an initialised ``torch.distributed`` process group of W > 1 workers, every worker calls
+    ``fit`` and the training is data-parallel (module docstring, "Data parallelism")."""
     log = log or (lambda s: print(s, flush=True))
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    dist = DistContext()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device, amp, cl = resolve_runtime(cfg)
@@ -410,27 +572,39 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
         torch.backends.cudnn.benchmark = True
     _seed_everything(cfg.seed)
     data = DeviceData.from_config(cfg, device)
+    if dist.active and min(cfg.batch_size, data.n_train) < dist.world:
+        raise ConfigError("batch_size", f"must be >= the number of data-parallel workers ({dist.world}); "
+                          "it is the global batch, split across the workers", cfg.batch_size)
     _log_choices(cfg, data, device, amp, cl, log)
+    if dist.active:
+        log(f"[I] data-parallel: rank {dist.rank} of {dist.world} ({dist.backend}); global batch "
+            f"{min(cfg.batch_size, data.n_train)} split across the workers")
     model = build_model(cfg, data.in_channels, data.num_classes, data.image_size)
-    trainer = Trainer(cfg, model, data.num_classes, device, data.steps_per_epoch(cfg.batch_size), amp, cl, log)
+    trainer = Trainer(cfg, model, data.num_classes, device, data.steps_per_epoch(cfg.batch_size), amp, cl, log,
+                      dist=dist)
     data_gen = torch.Generator(device=device)
     data_gen.manual_seed(cfg.seed)
 
-    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    # only rank 0 reads and writes checkpoints; the others get its state by broadcast
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None and dist.rank == 0 else None
     ckpath = ckdir / CHECKPOINT_NAME if ckdir is not None else None
     start, best, history = 0, {"val_acc": -1.0, "epoch": 0}, []
-    if ckpath is not None and ckpath.exists():
-        ck = load_checkpoint(ckpath)  # CPU: RNG states must stay CPU tensors
+    ck = load_checkpoint(ckpath) if ckpath is not None and ckpath.exists() else None  # CPU: RNG states stay CPU
+    if dist.active:
+        ck = dist.broadcast_object(ck, device)
+    if ck is not None:
         differs = sorted(k for k, v in ck["config"].items() if cfg.to_dict().get(k) != v)
         if differs:
             log(f"[resume] warning: config differs from the checkpoint's in {differs}")
         trainer.load_state_dict(ck["trainer"])
         _set_rng_state(ck["rng"], data_gen)
         start, best, history = int(ck["epoch"]), dict(ck["best"]), list(ck["history"])
-        log(f"[resume] from {ckpath} at epoch {start}")
+        log(f"[resume] from {ckpath or 'rank 0'} at epoch {start}")
         if start >= cfg.epochs and history:
             return dict(history[-1])
-    elif ckdir is not None:
+    if dist.active:
+        trainer.broadcast_state()
+    if ck is None and ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)
         if 0 in cfg.hist_epochs:
             w0 = first_binary_weights(trainer.model)
@@ -442,22 +616,35 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
         t0 = time.perf_counter()
         trainer.set_epoch(epoch)
         trainer.reset_sums()
-        for x, y in data.train_batches(cfg.batch_size, data_gen):
-            trainer.train_step(x, y)
+        global_batch = min(cfg.batch_size, data.n_train)
+        for x, y in data.train_batches(cfg.batch_size, data_gen, shard=dist.shard()):
+            trainer.train_step(x, y, global_batch)
         sums = trainer.read_sums()  # the sync that ends the training loop
         t_train = time.perf_counter() - t0
         if not all(math.isfinite(v) for v in sums.values()):
             raise TrainingDiverged(f"non-finite training loss in epoch {epoch + 1}: "
                                    + ", ".join(f"{k}={v}" for k, v in sums.items()))
+        if dist.active:
+            t_train = dist.all_reduce_(torch.tensor([t_train], device=device), op="max").item()
+            trainer.sync_buffers()
         val_loss, val_acc = trainer.evaluate(data.eval_batches("val", EVAL_BATCH))
+        if not math.isfinite(val_loss) or not trainer.parameters_finite():
+            # the last step of the epoch can make the weights non-finite after finite losses:
+            # never write (or report) such a checkpoint, a resume would start from it
+            raise TrainingDiverged(f"non-finite parameters or validation loss after epoch {epoch + 1} "
+                                   f"(val_loss={val_loss})")
         w = first_binary_weights(trainer.model)
         metrics = {"epoch": epoch + 1, **sums, "val_acc": val_acc, "val_loss": val_loss,
-                   "images_per_s": trainer._seen / t_train,
+                   "images_per_s": (trainer.global_seen if dist.active else trainer._seen) / t_train,
                    "bimodality": bimodality_coefficient(w) if w is not None else float("nan"),
                    "lr": trainer.last_lr}
         if epoch + 1 == cfg.epochs:
             metrics["test_loss"], metrics["test_acc"] = trainer.evaluate(data.eval_batches("test", EVAL_BATCH))
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        if dist.active:
+            metrics["epoch_time_s"] = dist.all_reduce_(torch.tensor([metrics["epoch_time_s"]], device=device),
+                                                       op="max").item()
+            metrics["world_size"] = dist.world
         if val_acc > best["val_acc"]:
             best = {"val_acc": val_acc, "epoch": epoch + 1}
         history.append(metrics)

@@ -20,7 +20,7 @@ from trainables.data import DeviceData
 from trainables.layers import bonn_layers
 from trainables.losses import BayesianFeatureLoss
 from trainables.models import build_model
-from trainables.train import CHECKPOINT_NAME, METRIC_KEYS, LrFactor, build_param_groups
+from trainables.train import CHECKPOINT_NAME, METRIC_KEYS, LrFactor, Trainer, build_param_groups, milestone_epochs
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,6 +189,42 @@ def test_lr_schedules():
     assert cos(10) == pytest.approx(1.0) and cos(30) == pytest.approx(0.5) and cos(50) == pytest.approx(0.0)
     warm = LrFactor("step", 10, 4, (0.5,), 0.1, warmup_epochs=1)
     assert [warm(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_milestones_round_half_up_and_never_to_epoch_zero():
+    assert milestone_epochs((0.3, 0.6, 0.8), 200) == [60, 120, 160]
+    assert milestone_epochs((0.25,), 10) == [3]  # half up, not Python's half-to-even 2
+    assert milestone_epochs((0.1,), 3) == [1]  # 0.3 would otherwise round to epoch 0
+    assert LrFactor("step", 3, 5, (0.1,), 0.2)(0) == 1.0
+
+
+def test_resume_with_a_changed_schedule_follows_the_new_config(tmp_path):
+    """Extending a run (more epochs, other milestones) uses the config's schedule, not the file's."""
+    fit({**SMALL, "epochs": 2, "lr_milestones": [0.5], "lr_gamma": 0.5}, checkpoint_dir=tmp_path, **QUIET)
+    hist = []
+    fit({**SMALL, "epochs": 4, "lr_milestones": [0.75], "lr_gamma": 0.5}, report=hist.append,
+        checkpoint_dir=tmp_path, **QUIET)
+    # new schedule: milestone at epoch 3, so epochs 3 and 4 run at lr 0.1 and 0.05
+    assert [m["epoch"] for m in hist] == [3, 4]
+    assert [m["lr"] for m in hist] == pytest.approx([0.1, 0.05])
+
+
+def test_non_finite_weights_after_the_last_step_never_reach_a_checkpoint(tmp_path, monkeypatch):
+    real_step = Trainer.train_step
+    calls = {"n": 0}
+
+    def poisoning_step(self, *a, **kw):
+        real_step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == self.steps_per_epoch:  # the last step of epoch 1: losses were finite
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "train_step", poisoning_step)
+    reports = []
+    with pytest.raises(TrainingDiverged, match="non-finite parameters or validation loss after epoch 1"):
+        fit({**SMALL, "epochs": 2}, report=reports.append, checkpoint_dir=tmp_path, **QUIET)
+    assert reports == [] and not (tmp_path / CHECKPOINT_NAME).exists()
 
 
 def test_reported_lr_follows_the_schedule():
