@@ -256,11 +256,17 @@ def test_worker_node_lost_mid_trial_resumes_from_checkpoint(nodes):
         assert head not in nodes_seen and nodes_seen <= {old_node, new_node}, (tid, rows)
         old = [e for e, n in rows if n == old_node]
         new = [e for e, n in rows if n == new_node]
-        # every epoch received exactly once, in order, across the two nodes
-        assert old + new == list(range(1, epochs + 1)), (tid, old, new)
+        # each node ran a contiguous run of epochs; the trial ends at the last epoch. An epoch whose
+        # result reached the driver while its checkpoint had not been persisted when the node died is
+        # trained again (at-least-once epochs); MLflow still holds each epoch once (_check_accounting).
+        assert old == list(range(1, len(old) + 1)), (tid, old, new)
+        if new:
+            assert new == list(range(new[0], epochs + 1)), (tid, old, new)
+        else:
+            assert old == list(range(1, epochs + 1)), (tid, old, new)
         if old and new:  # cut by the node loss, retried on the new node from its last checkpoint
             resumed += 1
-            assert new[0] == old[-1] + 1 > 1, (tid, old, new)
+            assert 1 < new[0] <= old[-1] + 1, (tid, old, new)  # resumed, not restarted from epoch 1
         summary.append(f"{tid}: old node {old} new node {new}")
     print(f"[multinode] {resumed} trial(s) resumed from a checkpoint on the new node: " + "; ".join(summary))
     assert resumed >= 1
