@@ -62,3 +62,25 @@ def wait_for_status(api: httpx.Client, study_id: str, statuses: set[str], timeou
         return body if body.get("status") in statuses else None
 
     return wait_until(poll, timeout=timeout, interval=1.0, what=f"study {study_id} to reach {sorted(statuses)}")
+
+
+@pytest.fixture(scope="session")
+def cluster(request, tmp_path_factory):
+    """Ray head + MLflow server for driver-level tests: the session ``stack`` when it starts, else a
+    stack without the API."""
+    from types import SimpleNamespace
+    from pathlib import Path
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        st = request.getfixturevalue("stack")
+        yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
+        return
+    except Exception as exc:  # noqa: BLE001 - e.g. the API of the shared stack does not start
+        print(f"\n[cluster] shared stack unavailable ({type(exc).__name__}: {exc}); starting Ray + MLflow")
+    home = tmp_path_factory.mktemp("driver-stack") / "home"
+    try:
+        st = start_stack(home, num_cpus=2, with_api=False)
+        yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
+    finally:
+        stop_stack(home, remove_temp=True, quiet=True)

@@ -17,12 +17,9 @@ members); ``val_acc`` on digits > 0.5 after 4 epochs.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -36,30 +33,10 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
+from tests.integration.driver_jobs import submit_driver_job, wait_job  # noqa: E402
+
 EPOCHS = 4
 NUM_TRIALS = 2
-TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-
-
-@pytest.fixture(scope="module")
-def cluster(request, tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    try:
-        st = request.getfixturevalue("stack")
-        yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
-        return
-    except pytest.FixtureLookupError:
-        pass
-    except Exception as exc:  # noqa: BLE001 - e.g. the API of the shared stack does not start
-        print(f"\n[test_data_parallel] shared stack unavailable ({type(exc).__name__}: {exc}); starting Ray + MLflow")
-    from service.local import start_stack, stop_stack
-
-    home = tmp_path_factory.mktemp("dp-stack") / "home"
-    try:
-        st = start_stack(home, num_cpus=2, with_api=False)
-        yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
-    finally:
-        stop_stack(home, remove_temp=True, quiet=True)
 
 
 def _payload(cluster, name: str) -> dict:
@@ -93,38 +70,12 @@ def _payload(cluster, name: str) -> dict:
     }
 
 
-def _submit(jobs: JobSubmissionClient, payload: dict) -> str:
-    root = str(Path(__file__).resolve().parents[2])
-    return jobs.submit_job(
-        entrypoint=f"{sys.executable} -m service.driver",
-        submission_id=f"{payload['study_id']}-{uuid.uuid4().hex[:4]}",
-        metadata={"study_id": payload["study_id"], "study_name": payload["spec"]["name"]},
-        runtime_env={"env_vars": {
-            "BONN_SWEEP_JOB": json.dumps(payload),
-            "RAY_JOB_STOP_SIGNAL": "SIGINT",
-            "RAY_JOB_STOP_WAIT_TIME_S": "60",
-            "PYTHONPATH": root,
-        }},
-    )
-
-
-def _wait(jobs, job_id, timeout=300.0) -> JobStatus:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        st = jobs.get_job_status(job_id)
-        if st in TERMINAL:
-            return st
-        time.sleep(1.0)
-    jobs.stop_job(job_id)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{jobs.get_job_logs(job_id)[-4000:]}")
-
-
 def test_data_parallel_trial_two_gloo_workers(cluster):
     jobs = JobSubmissionClient(cluster.dashboard)
     payload = _payload(cluster, "dp it digits")
     t0 = time.monotonic()
-    job = _submit(jobs, payload)
-    status = _wait(jobs, job)
+    job = submit_driver_job(jobs, payload)
+    status = wait_job(jobs, job)
     wall = time.monotonic() - t0
     logs = jobs.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-6000:]

@@ -15,13 +15,9 @@ MLflow only, for this module, and stops them by pid.
 from __future__ import annotations
 
 import collections
-import json
-import os
-import sys
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -35,29 +31,9 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
+from tests.integration.driver_jobs import TERMINAL, submit_driver_job, wait_job  # noqa: E402
+
 EPOCHS = 3
-TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-
-
-@pytest.fixture(scope="module")
-def cluster(request, tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    try:
-        st = request.getfixturevalue("stack")
-        yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
-        return
-    except pytest.FixtureLookupError:
-        pass
-    except Exception as exc:  # noqa: BLE001 - e.g. the API of the shared stack does not start
-        print(f"\n[test_driver] shared stack unavailable ({type(exc).__name__}: {exc}); starting Ray + MLflow")
-    from service.local import start_stack, stop_stack
-
-    home = tmp_path_factory.mktemp("driver-stack") / "home"
-    try:
-        st = start_stack(home, num_cpus=2, with_api=False)
-        yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
-    finally:
-        stop_stack(home, remove_temp=True, quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,32 +70,6 @@ def make_payload(cluster, name: str, num_trials: int = 4, base: dict | None = No
     }
 
 
-def submit(jobs: JobSubmissionClient, payload: dict, suffix: str = "") -> str:
-    root = str(Path(__file__).resolve().parents[2])
-    return jobs.submit_job(
-        entrypoint=f"{sys.executable} -m service.driver",
-        submission_id=f"{payload['study_id']}{suffix}-{uuid.uuid4().hex[:4]}",
-        metadata={"study_id": payload["study_id"], "study_name": payload["spec"]["name"]},
-        runtime_env={"env_vars": {
-            "BONN_SWEEP_JOB": json.dumps(payload),
-            "RAY_JOB_STOP_SIGNAL": "SIGINT",
-            "RAY_JOB_STOP_WAIT_TIME_S": "60",
-            "PYTHONPATH": root,
-        }},
-    )
-
-
-def wait_job(jobs, job_id, timeout=400.0) -> JobStatus:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        st = jobs.get_job_status(job_id)
-        if st in TERMINAL:
-            return st
-        time.sleep(1.0)
-    jobs.stop_job(job_id)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{jobs.get_job_logs(job_id)[-4000:]}")
-
-
 def study_of(payload):
     return optuna.load_study(study_name=payload["study_id"], storage=payload["optuna_storage"])
 
@@ -147,7 +97,7 @@ def timing_lines(logs: str) -> str:
 def test_digits_study_asha_end_to_end(cluster, jobs):
     payload = make_payload(cluster, "driver it digits")
     t0 = time.monotonic()
-    job = submit(jobs, payload)
+    job = submit_driver_job(jobs, payload)
     status = wait_job(jobs, job)
     wall = time.monotonic() - t0
     logs = jobs.get_job_logs(job)
@@ -219,7 +169,7 @@ def test_digits_study_asha_end_to_end(cluster, jobs):
 
 def test_cancel_then_resume_with_more_trials(cluster, jobs):
     payload = make_payload(cluster, "driver it cancel", num_trials=4)
-    job = submit(jobs, payload, "-a")
+    job = submit_driver_job(jobs, payload, "-a")
     # cancel (SIGINT via stop_job, as the API does) once the first trial has ended
     t0 = time.monotonic()
     while True:
@@ -249,7 +199,7 @@ def test_cancel_then_resume_with_more_trials(cluster, jobs):
 
     # resume: same Tune state, Optuna study and parent run; one more trial than first requested
     resumed = {**payload, "resume": True, "num_trials": 5}
-    job2 = submit(jobs, resumed, "-b")
+    job2 = submit_driver_job(jobs, resumed, "-b")
     status = wait_job(jobs, job2)
     logs2 = jobs.get_job_logs(job2)
     assert status == JobStatus.SUCCEEDED, logs2[-6000:]
@@ -279,7 +229,7 @@ def test_failure_limit_fails_the_study(cluster, jobs):
     payload = make_payload(cluster, "driver it failing", num_trials=3,
                            base={"dataset": "npz", "data_root": "/nonexistent/bonn-sweep-test.npz"},
                            max_failed_trials=0, max_concurrent_trials=1)
-    job = submit(jobs, payload)
+    job = submit_driver_job(jobs, payload)
     status = wait_job(jobs, job)
     logs = jobs.get_job_logs(job)
     assert status == JobStatus.FAILED, logs[-4000:]

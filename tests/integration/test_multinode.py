@@ -31,7 +31,6 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -49,7 +48,8 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+from tests.integration.driver_jobs import TERMINAL, submit_driver_job, wait_job  # noqa: E402
+
 WORKER = "ray-worker-1"
 WORKER_RESOURCES = {"bonn_worker": 100}
 FAST_HEALTH_CHECK = {  # GCS -> raylet health checks (Ray config via RAY_<name>)
@@ -121,29 +121,11 @@ def _payload(nodes, name: str, num_trials: int, epochs: int, batch_size: int) ->
 
 
 def _submit(nodes, payload: dict) -> str:
-    root = str(Path(__file__).resolve().parents[2])
-    return nodes.jobs.submit_job(
-        entrypoint=f"{sys.executable} -m service.driver",
-        submission_id=f"{payload['study_id']}-{uuid.uuid4().hex[:4]}",
-        metadata={"study_id": payload["study_id"], "study_name": payload["spec"]["name"]},
-        runtime_env={"env_vars": {
-            "BONN_SWEEP_JOB": json.dumps(payload),
-            "RAY_JOB_STOP_SIGNAL": "SIGINT",
-            "RAY_JOB_STOP_WAIT_TIME_S": "60",
-            "PYTHONPATH": root,
-        }},
-    )
+    return submit_driver_job(nodes.jobs, payload)
 
 
 def _wait(nodes, job_id: str, timeout: float = 240.0) -> JobStatus:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        st = nodes.jobs.get_job_status(job_id)
-        if st in TERMINAL:
-            return st
-        time.sleep(1.0)
-    nodes.jobs.stop_job(job_id)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{nodes.jobs.get_job_logs(job_id)[-5000:]}")
+    return wait_job(nodes.jobs, job_id, timeout)
 
 
 def _tune_results(payload: dict) -> dict[str, list[dict]]:
