@@ -640,14 +640,13 @@ def stop_ray_worker(stack: Stack, name: str = WORKER_NODE_PREFIX, *, hard: bool 
     return True
 
 
-def _kill_now(proc: Proc) -> None:
-    targets = {p: _proc_start_time(p) for p in {proc.pid} | _descendants(proc.pid) | _group_members(proc.pgid)}
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pgid, signal.SIGKILL)
-    for p, st in targets.items():
-        if st is not None and _proc_start_time(p) == st:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, signal.SIGKILL)
+def _snapshot(proc: Proc) -> dict[int, int | None]:
+    """Start time of the leader, its descendants and its group members, to tell them from reused pids."""
+    return {p: _proc_start_time(p) for p in {proc.pid} | _descendants(proc.pid) | _group_members(proc.pgid)}
+
+
+def _wait_reaped(proc: Proc) -> None:
+    """Up to 5 s for the leader to be gone (reaped, a zombie, or its pid reused)."""
     for _ in range(50):
         _reap(proc.pid)
         if _proc_start_time(proc.pid) != proc.start_time or _zombie(proc.pid):
@@ -655,11 +654,22 @@ def _kill_now(proc: Proc) -> None:
         time.sleep(0.1)
 
 
+def _kill_now(proc: Proc) -> None:
+    targets = _snapshot(proc)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pgid, signal.SIGKILL)
+    for p, st in targets.items():
+        if st is not None and _proc_start_time(p) == st:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+    _wait_reaped(proc)
+
+
 def _stop_proc(proc: Proc, *, grace_s: float, say: Callable[[str], None] = lambda _m: None) -> None:
     """SIGTERM the leader, then its group; SIGKILL what is left of the group and of the leader's
     descendants after ``grace_s``. Every pid is checked against its recorded start time, and the
     group is signalled only while one of its recorded members lives (so the pgid is still ours)."""
-    targets = {p: _proc_start_time(p) for p in {proc.pid} | _descendants(proc.pid) | _group_members(proc.pgid)}
+    targets = _snapshot(proc)
 
     def ours(p: int) -> bool:
         st = targets.get(p)
@@ -694,11 +704,7 @@ def _stop_proc(proc: Proc, *, grace_s: float, say: Callable[[str], None] = lambd
         if ours(p):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)
-    for _ in range(50):
-        _reap(proc.pid)
-        if _proc_start_time(proc.pid) != proc.start_time or _zombie(proc.pid):
-            break
-        time.sleep(0.1)
+    _wait_reaped(proc)
 
 
 def _zombie(pid: int) -> bool:

@@ -24,24 +24,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 #: Per-epoch metrics of ``trainables.fit`` a study may optimise. ``test_*`` are deliberately absent:
 #: every search decision uses the validation split.
-OBJECTIVE_METRICS: tuple[str, ...] = (
-    "val_acc",
-    "val_loss",
-    "train_acc",
-    "train_loss",
-    "ce_loss",
-    "kernel_loss",
-    "feature_loss",
-    "bimodality",
-    "images_per_s",
-)
 ObjectiveMetric = Literal[
     "val_acc",
     "val_loss",
@@ -53,6 +42,7 @@ ObjectiveMetric = Literal[
     "bimodality",
     "images_per_s",
 ]
+OBJECTIVE_METRICS: tuple[str, ...] = get_args(ObjectiveMetric)
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\- ]+$"
 DEFAULT_EPOCHS = 10  # trainables' default for `epochs`, used when neither base nor the space sets it

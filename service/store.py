@@ -97,6 +97,13 @@ def _fix_tz(target: Study, _context: Any) -> None:
         setattr(target, attr, _aware(getattr(target, attr)))
 
 
+def _apply(row: Study, fields: dict[str, Any]) -> None:
+    """Set ``fields`` on ``row`` (statuses stored by value) and stamp ``updated_at``."""
+    for k, v in fields.items():
+        setattr(row, k, v.value if isinstance(v, StudyStatus) else v)
+    row.updated_at = utcnow()
+
+
 class StudyNotFound(LookupError):
     def __init__(self, study_id: str) -> None:
         super().__init__(f"no study with id {study_id!r}")
@@ -208,11 +215,7 @@ class StudyStore:
             row = s.get(Study, study_id)
             if row is None:
                 raise StudyNotFound(study_id)
-            for k, v in fields.items():
-                if isinstance(v, StudyStatus):
-                    v = v.value
-                setattr(row, k, v)
-            row.updated_at = utcnow()
+            _apply(row, fields)
             s.commit()
             return row
 
@@ -230,10 +233,6 @@ class StudyStore:
                 return None
             if expect_submission is not False and row.submission_id != expect_submission:
                 return None
-            for k, v in fields.items():
-                if isinstance(v, StudyStatus):
-                    v = v.value
-                setattr(row, k, v)
-            row.updated_at = utcnow()
+            _apply(row, fields)
             s.commit()
             return row

@@ -38,3 +38,29 @@ def wait_job(jobs: JobSubmissionClient, job_id: str, timeout: float = 400.0) -> 
         time.sleep(1.0)
     jobs.stop_job(job_id)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{jobs.get_job_logs(job_id)[-4000:]}")
+
+
+def job_payload(spec_dict: dict, *, mlflow_uri: str, optuna_storage: str, tune_storage: str,
+                id_prefix: str) -> dict:
+    """A validated StudySpec, its MLflow experiment and parent run, and the ``BONN_SWEEP_JOB`` payload
+    the API would send (docs/contracts.md), for a fresh study id ``<id_prefix>-<hex>``."""
+    from mlflow import MlflowClient
+
+    from service.spec import StudySpec
+
+    spec = StudySpec.model_validate(spec_dict)
+    client = MlflowClient(mlflow_uri)
+    study_id = f"{id_prefix}-{uuid.uuid4().hex[:10]}"
+    exp_id = client.create_experiment(f"bonn-sweep-{study_id}")
+    parent = client.create_run(exp_id, run_name=spec.name, tags={"study_id": study_id})
+    return {
+        "study_id": study_id,
+        "spec": spec.to_job_spec(),
+        "mlflow_tracking_uri": mlflow_uri,
+        "experiment_id": exp_id,
+        "parent_run_id": parent.info.run_id,
+        "optuna_storage": optuna_storage,
+        "tune_storage": tune_storage,
+        "resume": False,
+        "num_trials": spec.budget.num_trials,
+    }

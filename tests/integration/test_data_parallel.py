@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -33,16 +32,14 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-from tests.integration.driver_jobs import submit_driver_job, wait_job  # noqa: E402
+from tests.integration.driver_jobs import job_payload, submit_driver_job, wait_job  # noqa: E402
 
 EPOCHS = 4
 NUM_TRIALS = 2
 
 
 def _payload(cluster, name: str) -> dict:
-    from service.spec import StudySpec
-
-    spec = StudySpec.model_validate({
+    return job_payload({
         "name": name,
         "search_space": "digits-smoke",
         # a digits recipe that learns in a few epochs; batch_size is the global batch (2 x 16)
@@ -52,22 +49,8 @@ def _payload(cluster, name: str) -> dict:
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "budget": {"num_trials": NUM_TRIALS, "max_concurrent_trials": 1, "max_failed_trials": 0},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_parallel_workers": 2},
-    })
-    client = MlflowClient(cluster.mlflow_uri)
-    study_id = f"dp-{uuid.uuid4().hex[:10]}"
-    exp_id = client.create_experiment(f"bonn-sweep-{study_id}")
-    parent = client.create_run(exp_id, run_name=name, tags={"study_id": study_id})
-    return {
-        "study_id": study_id,
-        "spec": spec.to_job_spec(),
-        "mlflow_tracking_uri": cluster.mlflow_uri,
-        "experiment_id": exp_id,
-        "parent_run_id": parent.info.run_id,
-        "optuna_storage": f"sqlite:///{cluster.home}/optuna-dp-tests.db",
-        "tune_storage": str(cluster.home / "tune"),
-        "resume": False,
-        "num_trials": NUM_TRIALS,
-    }
+    }, mlflow_uri=cluster.mlflow_uri, optuna_storage=f"sqlite:///{cluster.home}/optuna-dp-tests.db",
+        tune_storage=str(cluster.home / "tune"), id_prefix="dp")
 
 
 def test_data_parallel_trial_two_gloo_workers(cluster):

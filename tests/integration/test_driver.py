@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-from tests.integration.driver_jobs import TERMINAL, submit_driver_job, wait_job  # noqa: E402
+from tests.integration.driver_jobs import TERMINAL, job_payload, submit_driver_job, wait_job  # noqa: E402
 
 EPOCHS = 3
 
@@ -42,9 +41,7 @@ def jobs(cluster):
 
 
 def make_payload(cluster, name: str, num_trials: int = 4, base: dict | None = None, **budget) -> dict:
-    from service.spec import StudySpec
-
-    spec = StudySpec.model_validate({
+    return job_payload({
         "name": name,
         "search_space": "digits-smoke",
         "base": {"epochs": EPOCHS, "hist_epochs": [0, 2], **(base or {})},
@@ -52,22 +49,8 @@ def make_payload(cluster, name: str, num_trials: int = 4, base: dict | None = No
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "budget": {"num_trials": num_trials, "max_concurrent_trials": 2, "max_failed_trials": 1, **budget},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
-    })
-    client = MlflowClient(cluster.mlflow_uri)
-    study_id = f"drv-{uuid.uuid4().hex[:10]}"
-    exp_id = client.create_experiment(f"bonn-sweep-{study_id}")
-    parent = client.create_run(exp_id, run_name=name, tags={"study_id": study_id})
-    return {
-        "study_id": study_id,
-        "spec": spec.to_job_spec(),
-        "mlflow_tracking_uri": cluster.mlflow_uri,
-        "experiment_id": exp_id,
-        "parent_run_id": parent.info.run_id,
-        "optuna_storage": f"sqlite:///{cluster.home}/optuna-driver-tests.db",
-        "tune_storage": str(cluster.home / "tune"),
-        "resume": False,
-        "num_trials": num_trials,
-    }
+    }, mlflow_uri=cluster.mlflow_uri, optuna_storage=f"sqlite:///{cluster.home}/optuna-driver-tests.db",
+        tune_storage=str(cluster.home / "tune"), id_prefix="drv")
 
 
 def study_of(payload):

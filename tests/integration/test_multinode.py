@@ -32,7 +32,6 @@ import os
 import re
 import signal
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,7 +47,7 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-from tests.integration.driver_jobs import TERMINAL, submit_driver_job, wait_job  # noqa: E402
+from tests.integration.driver_jobs import TERMINAL, job_payload, submit_driver_job, wait_job  # noqa: E402
 
 WORKER = "ray-worker-1"
 WORKER_RESOURCES = {"bonn_worker": 100}
@@ -91,9 +90,7 @@ def _head_id(nodes) -> str:
 
 
 def _payload(nodes, name: str, num_trials: int, epochs: int, batch_size: int) -> dict:
-    from service.spec import StudySpec
-
-    spec = StudySpec.model_validate({
+    return job_payload({
         "name": name,
         "search_space": "digits-smoke",
         "base": {"epochs": epochs, "batch_size": batch_size, "lr": 0.1, "schedule": "cosine", "hist_epochs": [],
@@ -102,22 +99,9 @@ def _payload(nodes, name: str, num_trials: int, epochs: int, batch_size: int) ->
         "scheduler": {"type": "fifo"},
         "budget": {"num_trials": num_trials, "max_concurrent_trials": 2, "max_failed_trials": 0},
         "resources": {"cpus_per_trial": 1, "custom": {"bonn_worker": 1}},
-    })
-    client = MlflowClient(nodes.stack.mlflow_uri)
-    study_id = f"mn-{uuid.uuid4().hex[:10]}"
-    exp_id = client.create_experiment(f"bonn-sweep-{study_id}")
-    parent = client.create_run(exp_id, run_name=name, tags={"study_id": study_id})
-    return {
-        "study_id": study_id,
-        "spec": spec.to_job_spec(),
-        "mlflow_tracking_uri": nodes.stack.mlflow_uri,
-        "experiment_id": exp_id,
-        "parent_run_id": parent.info.run_id,
-        "optuna_storage": f"sqlite:///{nodes.home}/optuna-multinode.db",
-        "tune_storage": str(nodes.home / "shared" / "tune"),  # reached by both nodes
-        "resume": False,
-        "num_trials": num_trials,
-    }
+    }, mlflow_uri=nodes.stack.mlflow_uri, optuna_storage=f"sqlite:///{nodes.home}/optuna-multinode.db",
+        tune_storage=str(nodes.home / "shared" / "tune"),  # reached by both nodes
+        id_prefix="mn")
 
 
 def _submit(nodes, payload: dict) -> str:
