@@ -9,7 +9,15 @@ fit() parameter groups, the post-step clamps), on
 * ``real``: the real input pipeline of ``fit`` (device-resident uint8 data, per-epoch permutation,
   batched crop+flip augmentation for 3-channel data, normalisation).
 
-Prints a markdown table (device, torch version, images/s per mode, ratio bonn/none) to stdout.
+Execution modes (``--exec``, each a column group of the table): ``eager`` (``cuda_graph=false``) and
+``graph`` (the whole step captured as a CUDA graph, ``cuda_graph=true``; CUDA only); with
+``--compile`` the model is also ``torch.compile``d. For ``bonn`` both the per-layer reference path
+(``fused_bonn=false``, column ``bonn-ref``) and the fused all-layers path (``fused_bonn=true``,
+column ``bonn``) are timed; ``none`` and ``xnor`` have no BONN layers.
+
+Prints a markdown table (device, torch version, images/s per mode, ratio bonn/none) to stdout;
+``--profile`` adds a torch.profiler summary per BONN variant (kernels per step, GPU-busy vs wall time
+per step, the top kernels).
 
     python benchmarks/bench_train.py --model wrn22 --width 16 --device cpu --steps 5 --batch-size 64
     python benchmarks/bench_train.py --model resnet18 --width 64 --device cuda --batch-size 512 \
@@ -34,7 +42,15 @@ from trainables.data import DeviceData  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 from trainables.train import Trainer  # noqa: E402
 
-MODES = ("none", "xnor", "bonn")
+MODES = ("none", "xnor", "bonn-ref", "bonn")
+EXECS = ("eager", "graph")
+
+
+def _variant(mode: str, exe: str) -> dict:
+    """TrainConfig overrides of one cell: binarize mode x execution mode."""
+    fused = mode == "bonn"
+    return {"binarize": "bonn" if mode.startswith("bonn") else mode, "fused_bonn": fused,
+            "cuda_graph": exe == "graph"}
 
 
 def _sync(device: torch.device) -> None:
@@ -58,11 +74,12 @@ def _batches_real(data: DeviceData, batch: int, device):
         yield from data.train_batches(batch, g)
 
 
-def measure(cfg: TrainConfig, device, amp, cl, batches, in_ch, size, num_classes, steps, warmup) -> float:
+def measure(cfg: TrainConfig, device, amp, cl, batches, in_ch, size, num_classes, steps, warmup,
+            profile: int = 0) -> float:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, in_ch, num_classes, size)
     trainer = Trainer(cfg, model, num_classes, device, steps_per_epoch=max(steps, 1), amp=amp,
-                      channels_last=cl, log=None)
+                      channels_last=cl, log=lambda m: print(m, file=sys.stderr))
     trainer.set_epoch(0)  # bonn: feature loss on from the first step
     for _ in range(warmup):
         x, y = next(batches)
@@ -79,7 +96,37 @@ def measure(cfg: TrainConfig, device, amp, cl, batches, in_ch, size, num_classes
     dt = time.perf_counter() - t0
     if not all(v == v for v in sums.values()):
         print(f"warning: non-finite loss in {cfg.binarize}", file=sys.stderr)
+    if trainer.graph_failed:
+        print(f"warning: CUDA graph capture failed ({trainer.graph_failed}); timed eagerly", file=sys.stderr)
+    if profile:
+        _profile(trainer, batches, profile, device, cfg)
     return steps * cfg.batch_size / dt
+
+
+def _profile(trainer: Trainer, batches, steps: int, device, cfg: TrainConfig) -> None:
+    """Where the time of a step goes: kernels launched, GPU-busy time and wall time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            x, y = next(batches)
+            trainer.train_step(x, y)
+        _sync(device)
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    ev = prof.key_averages()
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        busy = sum(e.device_time for e in kernels) / 1e3 / steps
+        print(f"[profile] {cfg.binarize} fused={trainer.fused} graph={trainer.use_graph}: "
+              f"{len(kernels) / steps:.0f} GPU kernels/step, GPU busy {busy:.2f} ms/step, "
+              f"wall {wall:.2f} ms/step (profiler on)")
+        print(ev.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    else:
+        print(f"[profile] {cfg.binarize} fused={trainer.fused}: wall {wall:.2f} ms/step (profiler on)")
+        print(ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 def _cpu_name() -> str:
@@ -110,8 +157,15 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
     ap.add_argument("--repeats", type=int, default=1, help="median over this many timings per cell")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES), help="of none, xnor, bonn-ref, bonn")
+    ap.add_argument("--exec", default=None, help="execution modes, of eager, graph (default: eager on "
+                                                 "CPU, eager,graph on CUDA)")
+    ap.add_argument("--no-random", action="store_true", help="time the real pipeline only (needs --real-data)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile this many steps of bonn-ref and bonn per execution mode")
     args = ap.parse_args(argv)
+    if args.no_random and not args.real_data:
+        ap.error("--no-random: needs --real-data")
     if args.threads:
         torch.set_num_threads(args.threads)
     tri = {"auto": "auto", "true": True, "false": False}
@@ -127,10 +181,15 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (10 if args.compile else 2)
     modes = [m for m in args.modes.split(",") if m]
 
-    sources = [("random", None)]
+    sources = [] if args.no_random else [("random", None)]
     if args.real_data:
         cfg_data = TrainConfig.from_dict({**base, "dataset": "npz", "data_root": args.real_data})
         sources.append(("real", DeviceData.from_config(cfg_data, device)))
+
+    execs = [e for e in (args.exec or ("eager,graph" if device.type == "cuda" else "eager")).split(",") if e]
+    for e in execs:
+        if e not in EXECS or (e == "graph" and device.type != "cuda"):
+            ap.error(f"--exec: {e!r} is not one of {list(EXECS)} (graph needs CUDA)")
 
     rows = []
     for name, data in sources:
@@ -138,28 +197,34 @@ def main(argv=None) -> int:
             in_ch, size, ncls = args.in_channels, args.image_size, args.num_classes
         else:
             in_ch, size, ncls = data.in_channels, data.image_size, data.num_classes
-        res = {}
-        for mode in modes:
-            cfg = TrainConfig.from_dict({**base, "binarize": mode})
-            vals = []
-            for _ in range(args.repeats):
-                batches = (_batches_random(device, args.batch_size, in_ch, size, ncls) if data is None
-                           else _batches_real(data, args.batch_size, device))
-                vals.append(measure(cfg, device, amp, cl, batches, in_ch, size, ncls, args.steps, warmup))
-            res[mode] = statistics.median(vals)
-            print(f"[bench] {name:6s} {mode:5s} {res[mode]:10.1f} images/s", file=sys.stderr, flush=True)
-        rows.append((name, res))
+        for exe in execs:
+            res = {}
+            for mode in modes:
+                cfg = TrainConfig.from_dict({**base, **_variant(mode, exe)})
+                vals = []
+                for r in range(args.repeats):
+                    batches = (_batches_random(device, args.batch_size, in_ch, size, ncls) if data is None
+                               else _batches_real(data, args.batch_size, device))
+                    prof = args.profile if (r == 0 and mode.startswith("bonn") and name == sources[0][0]) else 0
+                    # a captured step needs graph_warmup eager steps and the capture first
+                    wu = max(warmup, 6) if exe == "graph" else warmup
+                    vals.append(measure(cfg, device, amp, cl, batches, in_ch, size, ncls, args.steps, wu,
+                                        profile=prof))
+                res[mode] = statistics.median(vals)
+                print(f"[bench] {name:6s} {exe:5s} {mode:8s} {res[mode]:10.1f} images/s", file=sys.stderr,
+                      flush=True)
+            rows.append((name, exe, res))
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     print(f"\ndevice: {device.type} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"model {args.model} width {args.width}, batch {args.batch_size}, steps {args.steps} "
           f"(warmup {warmup}), amp {amp}, channels_last {cl}, compile {args.compile}\n")
-    header = "| data | " + " | ".join(f"{m} (img/s)" for m in modes) + " | bonn/none |"
+    header = "| data | exec | " + " | ".join(f"{m} (img/s)" for m in modes) + " | bonn/none |"
     print(header)
-    print("|" + "---|" * (len(modes) + 2))
-    for name, res in rows:
+    print("|" + "---|" * (len(modes) + 3))
+    for name, exe, res in rows:
         ratio = (f"{res['bonn'] / res['none']:.2f}x" if "bonn" in res and "none" in res else "-")
-        print(f"| {name} | " + " | ".join(f"{res[m]:.0f}" for m in modes) + f" | {ratio} |")
+        print(f"| {name} | {exe} | " + " | ".join(f"{res[m]:.0f}" for m in modes) + f" | {ratio} |")
     return 0
 
 

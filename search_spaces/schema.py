@@ -104,6 +104,8 @@ TRIAL_CONFIG_KEYS: tuple[str, ...] = (
     "amp",
     "channels_last",
     "compile",
+    "cuda_graph",
+    "fused_bonn",
     "hist_epochs",
     "num_threads",
 )

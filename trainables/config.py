@@ -88,6 +88,8 @@ class TrainConfig:
     amp: bool | str = "auto"
     channels_last: bool | str = "auto"
     compile: bool = False
+    cuda_graph: bool | str = "auto"
+    fused_bonn: bool | str = "auto"
     hist_epochs: tuple[int, ...] = (0, 2, 20, 200)
     num_threads: int = 0
 
@@ -280,6 +282,8 @@ _RULES = {
     "amp": _bool_or_auto,
     "channels_last": _bool_or_auto,
     "compile": _bool,
+    "cuda_graph": _bool_or_auto,
+    "fused_bonn": _bool_or_auto,
     "hist_epochs": _hist_epochs,
     "num_threads": _int_ge(0),
 }

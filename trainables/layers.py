@@ -25,6 +25,9 @@ call :meth:`BonnConv2d.reset_prior_` afterwards (``reset_parameters`` re-initial
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import torch
 import torch.nn as nn
 
@@ -38,6 +41,7 @@ __all__ = [
     "bonn_layers",
     "bonn_parameter_roles",
     "make_conv",
+    "precomputed_kernels",
 ]
 
 W_SHAPES = ("kxk", "cin_kxk")
@@ -84,6 +88,7 @@ class BonnConv2d(nn.Conv2d):
         object.__setattr__(self, "act_ste", act_ste)
         object.__setattr__(self, "_w_init_shape", tuple(k) if w_shape == "kxk" else (in_channels, *k))
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self._kernel: torch.Tensor | None = None  # set by precomputed_kernels() for one forward
 
     def reset_parameters(self) -> None:
         """Kaiming-normal ``weight``; ``w = mean|X|``; ``mu``/``sigma`` = moments of ``|X_i|``."""
@@ -113,7 +118,9 @@ class BonnConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = ACT_STES[self.act_ste].apply(x)
-        kernel = BonnWeightBinarize.apply(self.weight, self.w)
+        kernel = self._kernel
+        if kernel is None:
+            kernel = BonnWeightBinarize.apply(self.weight, self.w)
         return self._conv_forward(xb, kernel, self.bias)
 
     def extra_repr(self) -> str:
@@ -214,3 +221,19 @@ def bonn_parameter_roles(module: nn.Module) -> dict[str, list[nn.Parameter]]:
         "sigma": [m.sigma for m in layers],
     }
 
+
+
+@contextlib.contextmanager
+def precomputed_kernels(layers: Sequence[BonnConv2d], kernels: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Make each layer's next forward use the given kernel instead of binarizing its own weight.
+
+    The kernels come from :func:`trainables.fused.bonn_kernels_and_loss` (all layers binarized in one
+    autograd node, with the same forward values and gradients as :class:`BonnWeightBinarize`).
+    """
+    for m, k in zip(layers, kernels, strict=True):
+        m._kernel = k
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._kernel = None

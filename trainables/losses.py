@@ -21,15 +21,14 @@ and no 1/K terms); :func:`kernel_loss_value` computes that one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .binarize import sign
+from .fused import flat_weights, kernel_loss_all_layers, layer_plan, per_filter_sum, unflat_filters
 
 __all__ = [
     "BayesianFeatureLoss",
@@ -41,7 +40,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------
-# Layer lists and the cached index plan of the fused implementation
+# Layer lists
 # --------------------------------------------------------------------------------------------------
 
 
@@ -58,188 +57,9 @@ def _as_layers(layers: Any) -> list:
     raise TypeError(f"layers: expected a BONN layer, an iterable of them or a module (got {type(layers).__name__})")
 
 
-@dataclass(frozen=True)
-class _Run:
-    """Consecutive layers with identical ``(weight, w)`` shapes: contiguous in the flat layout."""
-
-    x0: int  # slice of the flat kernel vector
-    x1: int
-    w0: int  # slice of the flat modulation vector
-    w1: int
-    layers: int  # m
-    out_ch: int  # C_out
-    k: int  # elements per output filter, C_in k k
-    p: int  # elements of w
-    r: int  # kernel elements per w element, N_l / P_l
-
-
-@dataclass
-class _Plan:
-    """How all layers' kernels are laid out as one flat vector (built once per list of shapes).
-
-    Per-element broadcasts (w, mean(w), mu, sigma) are gathers with precomputed indices; per-filter,
-    per-position and per-layer sums are plain reductions over reshaped slices, one per run of
-    identically shaped consecutive layers. Nothing needs a host sync or atomics (deterministic).
-    """
-
-    numel_x: list[int]  # N_l
-    numel_w: list[int]  # P_l
-    out_ch: list[int]  # C_out of each layer
-    x_shapes: list[torch.Size]
-    w_shapes: list[torch.Size]
-    runs: list[_Run]
-    w_idx: torch.Tensor  # (N,) index into cat(w) of each kernel element
-    f_idx: torch.Tensor  # (N,) global output-filter index of each kernel element
-    w_layer: torch.Tensor  # (sum P_l,) layer index of each w element
-    inv_k: torch.Tensor  # (F,) 1 / K_l for every filter, in the data dtype
-
-
-_PLANS: dict[tuple, _Plan] = {}
-
-
-def _plan(layers: list) -> _Plan:
-    X0 = layers[0].weight
-    shapes = tuple((tuple(m.weight.shape), tuple(m.w.shape)) for m in layers)
-    key = (X0.device, X0.dtype, shapes)
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
-    w_idx, f_idx, w_layer, inv_k, runs = [], [], [], [], []
-    off_x = off_w = off_f = 0
-    for li, (xs, ws) in enumerate(shapes):
-        if xs[len(xs) - len(ws) :] != ws:
-            raise ValueError(f"w of shape {ws} is not a trailing part of weight's {xs}")
-        n, p, co = math.prod(xs), math.prod(ws), xs[0]
-        k, r = n // co, n // p
-        ar = torch.arange(n, dtype=torch.int64)
-        w_idx.append(off_w + ar % p)
-        f_idx.append(off_f + ar // k)
-        w_layer.append(torch.full((p,), li, dtype=torch.int64))
-        inv_k.append(torch.full((co,), 1.0 / k, dtype=torch.float64))
-        if li > 0 and shapes[li - 1] == (xs, ws):
-            last = runs[-1]
-            runs[-1] = _Run(last.x0, off_x + n, last.w0, off_w + p, last.layers + 1, co, k, p, r)
-        else:
-            runs.append(_Run(off_x, off_x + n, off_w, off_w + p, 1, co, k, p, r))
-        off_x, off_w, off_f = off_x + n, off_w + p, off_f + co
-    idx_dtype = torch.int32 if off_x < 2**31 - 1 else torch.int64
-    dev = X0.device
-    plan = _Plan(
-        numel_x=[math.prod(xs) for xs, _ in shapes],
-        numel_w=[math.prod(ws) for _, ws in shapes],
-        out_ch=[xs[0] for xs, _ in shapes],
-        x_shapes=[torch.Size(xs) for xs, _ in shapes],
-        w_shapes=[torch.Size(ws) for _, ws in shapes],
-        runs=runs,
-        w_idx=torch.cat(w_idx).to(dev, idx_dtype),
-        f_idx=torch.cat(f_idx).to(dev, idx_dtype),
-        w_layer=torch.cat(w_layer).to(dev, idx_dtype),
-        inv_k=torch.cat(inv_k).to(dev, X0.dtype),
-    )
-    if len(_PLANS) >= 16:  # a few models per process at most; keep the cache bounded
-        _PLANS.clear()
-    _PLANS[key] = plan
-    return plan
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _per_filter_sum(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """``x``: flat kernel-layout tensor ``(N, *t)`` -> sums over each output filter ``(F, *t)``."""
-    t = x.shape[1:]
-    return _cat([x[r.x0 : r.x1].view(r.layers * r.out_ch, r.k, *t).sum(1) for r in plan.runs])
-
-
-def _per_position_sum(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """``x``: flat kernel-layout tensor ``(N,)`` -> sums over all kernels for each w element ``(sum P_l,)``."""
-    return _cat([x[r.x0 : r.x1].view(r.layers, r.r, r.p).sum(1).view(-1) for r in plan.runs])
-
-
-def _per_layer_mean_w(wc: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Flat modulation vector ``(sum P_l,)`` -> ``mean(w)`` of every layer ``(L,)``."""
-    return _cat([wc[r.w0 : r.w1].view(r.layers, r.p).mean(1) for r in plan.runs])
-
-
 # --------------------------------------------------------------------------------------------------
 # Bayesian kernel loss
 # --------------------------------------------------------------------------------------------------
-
-
-class _FusedKernelLoss(torch.autograd.Function):
-    """All layers at once over the concatenated kernels, with analytic gradients.
-
-    About 30 kernels in total plus one reduction per run of identically shaped consecutive layers
-    (instead of ~15 autograd ops per layer).
-
-    Inputs after ``(plan, lam, nu)``: ``X_1..X_L, w_1..w_L, mu_1..mu_L, sigma_1..sigma_L``.
-    The gradients are computed in forward (they share every intermediate with the value) and scaled
-    by the incoming gradient in backward. No host synchronisation; every reduction is deterministic
-    (gathers and plain reductions, no atomics).
-    """
-
-    @staticmethod
-    def forward(ctx, plan: _Plan, lam: float, nu: float, *tensors: torch.Tensor) -> torch.Tensor:
-        L = len(plan.numel_x)
-        Xs, ws, mus, sigmas = tensors[:L], tensors[L : 2 * L], tensors[2 * L : 3 * L], tensors[3 * L :]
-        need = ctx.needs_input_grad[3:]
-        need_x, need_w, need_mu, need_sigma = (any(need[j * L : (j + 1) * L]) for j in range(4))
-
-        X = _flat(Xs)
-        wc = _flat(ws)
-        mc = _flat(mus)
-        sc = _flat(sigmas)
-        wbar = _per_layer_mean_w(wc, plan)  # (L,)
-        pos = torch.stack((wc, wbar.index_select(0, plan.w_layer)), 1).index_select(0, plan.w_idx)
-        w_e, wbar_e = pos.unbind(1)
-        s2 = sc * sc
-        nis = nu / s2  # nu * sigma^-2 per filter
-        fil = torch.stack((mc, nis), 1).index_select(0, plan.f_idx)
-        mu_e, nis_e = fil.unbind(1)
-
-        s = sign(X)
-        d = s * X - mu_e  # |X| - mu (sign(0) = +1: X = 0 sits in the '+' mode)
-        r = w_e * X - wbar_e * s  # w*X - X_hat
-        D1, D2 = _per_filter_sum(torch.stack((d, d * d), 1), plan).unbind(1)  # per filter sum d, sum d^2
-        value = 0.5 * lam * ((r * r).sum() + (nis * D2 * (1.0 + plan.inv_k)).sum() + nu * torch.log(s2).sum())
-
-        saved = []
-        # Gradients wrt X, w, mu, sigma (formulas: docstring of bayesian_kernel_loss).
-        saved.append(lam * (w_e * r + nis_e * d * s) if need_x else None)
-        saved.append(lam * _per_position_sum(r * X, plan) if need_w else None)
-        saved.append(-lam * nis * plan.inv_k * D1 if need_mu else None)
-        saved.append(lam * nu / sc * (1.0 - D2 * plan.inv_k / s2) if need_sigma else None)
-        ctx.plan = plan
-        ctx.has = [t is not None for t in saved]
-        ctx.save_for_backward(*[t for t in saved if t is not None])
-        return value
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        plan: _Plan = ctx.plan
-        L = len(plan.numel_x)
-        it = iter(ctx.saved_tensors)
-        grads = [next(it) if h else None for h in ctx.has]
-        out: list = [None, None, None]
-        specs = (
-            (plan.numel_x, plan.x_shapes),
-            (plan.numel_w, plan.w_shapes),
-            (plan.out_ch, None),
-            (plan.out_ch, None),
-        )
-        for flat, (sizes, shapes) in zip(grads, specs):
-            if flat is None:
-                out.extend([None] * L)
-                continue
-            parts = (flat * g).split(sizes)
-            out.extend(parts if shapes is None else [p.view(sh) for p, sh in zip(parts, shapes)])
-        needs = ctx.needs_input_grad
-        return tuple(o if (i < 3 or needs[i]) else None for i, o in enumerate(out))
 
 
 def _kernel_loss_layerwise(layers: list, lam: float, nu: float) -> torch.Tensor:
@@ -295,9 +115,7 @@ def bayesian_kernel_loss(layers: Any, lam: float, nu: float, fused: bool | None 
         fused = ls[0].weight.is_cuda and not torch.compiler.is_compiling()
     if not fused:
         return _kernel_loss_layerwise(ls, float(lam), float(nu))
-    plan = _plan(ls)
-    tensors = [m.weight for m in ls] + [m.w for m in ls] + [m.mu for m in ls] + [m.sigma for m in ls]
-    return _FusedKernelLoss.apply(plan, float(lam), float(nu), *tensors)
+    return kernel_loss_all_layers(ls, float(lam), float(nu))
 
 
 @torch.no_grad()
@@ -333,13 +151,13 @@ def closed_form_mu_sigma_(layers: Any, eps: float = 1e-8) -> None:
     ls = _as_layers(layers)
     if not ls:
         return
-    plan = _plan(ls)
-    a = _flat([m.weight for m in ls]).abs()
-    mu = _per_filter_sum(a, plan).mul_(plan.inv_k)
+    plan = layer_plan(ls)
+    a = flat_weights([m.weight for m in ls], plan).abs()
+    mu = per_filter_sum(a, plan).mul_(plan.inv_k)
     d = a - mu.index_select(0, plan.f_idx)
-    sig = _per_filter_sum(d * d, plan).mul_(plan.inv_k).sqrt_().clamp_min_(eps)
-    torch._foreach_copy_([m.mu for m in ls], list(mu.split(plan.out_ch)))
-    torch._foreach_copy_([m.sigma for m in ls], list(sig.split(plan.out_ch)))
+    sig = per_filter_sum(d * d, plan).mul_(plan.inv_k).sqrt_().clamp_min_(eps)
+    torch._foreach_copy_([m.mu for m in ls], unflat_filters(mu, plan))
+    torch._foreach_copy_([m.sigma for m in ls], unflat_filters(sig, plan))
 
 
 @torch.no_grad()

@@ -90,6 +90,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -274,6 +275,15 @@ def resolve_runtime(cfg: TrainConfig) -> tuple[torch.device, bool, bool]:
     return dev, amp, cl
 
 
+@dataclass
+class _CapturedStep:
+    """One training step captured as a CUDA graph, with the input tensors it reads."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    graph: Any
+
+
 class Trainer:
     """Model, losses, optimiser and schedule of one training; ``train_step`` is the whole step."""
 
@@ -283,6 +293,7 @@ class Trainer:
         from .layers import bonn_layers
 
         self.cfg, self.device, self.amp, self.channels_last = cfg, device, amp, channels_last
+        self.log = log
         self.dist = dist or DistContext()
         self.model = model.to(device)
         if channels_last:
@@ -305,12 +316,31 @@ class Trainer:
             kw["fused"] = True
         self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, **kw)
         self.steps_per_epoch = steps_per_epoch
-        lam = [ConstantFactor() if g["name"] == "centers" else
-               LrFactor(cfg.schedule, cfg.epochs, steps_per_epoch, cfg.lr_milestones, cfg.lr_gamma,
-                        cfg.warmup_epochs) for g in groups]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+        # Runtime choices (docs/contracts.md): one autograd node for all BONN layers' kernels and
+        # kernel loss (trainables.fused), and the whole step captured as a CUDA graph.
+        on_cuda = device.type == "cuda"
+        self.fused = self.bonn and not cfg.compile and (on_cuda if cfg.fused_bonn == "auto"
+                                                         else bool(cfg.fused_bonn))
+        want_graph = on_cuda if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph)
+        self.use_graph = want_graph and on_cuda and not self.dist.active
+        self._base_lr0 = float(self.optimizer.param_groups[0]["lr"])
+        if want_graph and not self.use_graph and log is not None and cfg.cuda_graph is True:
+            log("[I] cuda_graph=true ignored: needs CUDA and a single process (not data-parallel)")
+        if self.use_graph:
+            # A captured step reads the learning rate from device memory: the scheduler fills these.
+            for g in self.optimizer.param_groups:
+                g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        self._lr_factors = [ConstantFactor() if g["name"] == "centers" else
+                            LrFactor(cfg.schedule, cfg.epochs, steps_per_epoch, cfg.lr_milestones, cfg.lr_gamma,
+                                     cfg.warmup_epochs) for g in groups]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factors)
+        self.scheduler.base_lrs = [_as_float(b) for b in self.scheduler.base_lrs]  # no per-step tensor math
         self.fmodel = torch.compile(self.model) if cfg.compile else self.model
         self._zero = torch.zeros((), device=device)
+        self._graphs: dict[tuple, _CapturedStep] = {}
+        self._graph_seen: dict[tuple, int] = {}
+        self.graph_warmup = 3
+        self.graph_failed: str | None = None
         self.reset_sums()
 
     # ------------------------------------------------------------------ per epoch
@@ -321,11 +351,22 @@ class Trainer:
             self.feature_loss.theta = self.cfg.theta if self.feature_on else 0.0
 
     def reset_sums(self) -> None:
-        self._sums = torch.zeros(4, device=self.device)       # loss, ce, kernel, feature (batch means)
-        self._correct = torch.zeros((), dtype=torch.long, device=self.device)
+        if getattr(self, "_sums", None) is None:
+            self._sums = torch.zeros(4, device=self.device)       # loss, ce, kernel, feature (batch means)
+            self._correct = torch.zeros((), dtype=torch.long, device=self.device)
+        else:  # in place: captured steps accumulate into these very tensors
+            self._sums.zero_()
+            self._correct.zero_()
         self._steps = 0
         self._seen = 0
-        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.last_lr = self._current_lr()
+
+    def _current_lr(self) -> float:
+        """Learning rate of the first group as a float, without reading device memory."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not torch.is_tensor(lr):
+            return float(lr)
+        return self._base_lr0 * self._lr_factors[0](self.scheduler.last_epoch)
 
     def read_sums(self) -> dict[str, float]:
         """Epoch means so far (one host sync; under data parallelism one all-reduce, the same numbers on
@@ -341,42 +382,110 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor, global_batch: int | None = None) -> None:
         """One optimiser step on ``(x, y)``; under data parallelism ``(x, y)`` is this worker's slice of a
-        global batch of ``global_batch`` samples (see the module docstring)."""
+        global batch of ``global_batch`` samples (see the module docstring).
+
+        With ``use_graph`` the step (forward, losses, backward, optimiser, post-step clamps, metric
+        sums) of each batch shape is run eagerly ``graph_warmup`` times on a side stream, then captured
+        as a CUDA graph and replayed from then on; the batch is copied into the graph's input tensors.
+        The scheduler runs on the host between replays and writes the learning rates into device
+        tensors the graph reads. A capture that fails is logged once and training goes on eagerly.
+        """
         scale = 1.0
         if self.dist.active:
             scale = float(y.shape[0]) * self.dist.world / float(global_batch or y.shape[0] * self.dist.world)
+        if self.use_graph:
+            self._graph_step(x, y)
+        else:
+            self._step(x, y, scale)
+        self.last_lr = self._current_lr()
+        self.scheduler.step()
+        self._steps += 1
+        self._seen += int(y.shape[0])
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> None:
+        """The device work of one step: everything but the scheduler (capturable: no host sync)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            feats, logits = self.fmodel(x)
+        kl, fl = self._zero, self._zero
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                            cache_enabled=not self.use_graph):
+            if self.fused:
+                from .fused import bonn_kernels_and_loss
+                from .layers import precomputed_kernels
+
+                kernels, kl = bonn_kernels_and_loss(self.layers, self.cfg.lam if self.kernel_on else 0.0,
+                                                    self.cfg.nu,
+                                                    torch.bfloat16 if self.amp else self.layers[0].weight.dtype)
+                with precomputed_kernels(self.layers, kernels):
+                    feats, logits = self.fmodel(x)
+            else:
+                feats, logits = self.fmodel(x)
         ce = F.cross_entropy(logits.float(), y)
         if scale != 1.0:
             ce = ce * scale
-        loss, kl, fl = ce, self._zero, self._zero
+        loss = ce
         if self.kernel_on:
-            from .losses import bayesian_kernel_loss
+            if not self.fused:
+                from .losses import bayesian_kernel_loss
 
-            kl = bayesian_kernel_loss(self.layers, self.cfg.lam, self.cfg.nu)
+                kl = bayesian_kernel_loss(self.layers, self.cfg.lam, self.cfg.nu)
             loss = loss + kl
         if self.feature_on:
             fl = self.feature_loss(feats.float(), y)
             if scale != 1.0:
                 fl = fl * scale
             loss = loss + fl
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.use_graph:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.dist.active:
             self.dist.average_([p.grad for g in self.optimizer.param_groups for p in g["params"]
                                 if p.grad is not None])
-        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        self.scheduler.step()
         self._after_step()
         with torch.no_grad():
             self._sums += torch.stack([loss.detach(), ce.detach(), kl.detach(), fl.detach()])
             self._correct += (logits.detach().argmax(1) == y).sum()
-        self._steps += 1
-        self._seen += int(y.shape[0])
+
+    def _graph_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), self.feature_on, self.kernel_on)
+        cap = self._graphs.get(key)
+        if cap is not None:
+            cap.x.copy_(x)
+            cap.y.copy_(y)
+            cap.graph.replay()
+            return
+        seen = self._graph_seen.get(key, 0)
+        if seen < self.graph_warmup or self.graph_failed:
+            self._graph_seen[key] = seen + 1
+            # Eager steps before a capture run on a side stream (lazy initialisation, cuDNN autotuning).
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step(x, y)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return
+        cap = _CapturedStep(x.clone(), y.clone(), torch.cuda.CUDAGraph())
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(cap.graph, capture_error_mode="thread_local"):
+                self._step(cap.x, cap.y)
+        except Exception as exc:  # noqa: BLE001 - fall back to eager steps, say so once
+            self.graph_failed = f"{type(exc).__name__}: {exc}"
+            if self.log is not None:
+                self.log(f"[I] cuda_graph: capture failed, training eagerly ({self.graph_failed})")
+            torch.cuda.synchronize(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step(x, y)
+            return
+        self._graphs[key] = cap
+        cap.graph.replay()  # the capture recorded the step on this batch; run it
+
+    def invalidate_graphs(self) -> None:
+        """Forget captured steps (after tensors they read were replaced, e.g. by load_state_dict)."""
+        self._graphs.clear()
+        self._graph_seen.clear()
 
     @torch.no_grad()
     def _after_step(self) -> None:
@@ -439,8 +548,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+        """Everything a resume needs; learning rates as plain floats (device-independent files)."""
+        opt = self.optimizer.state_dict()
+        opt["param_groups"] = [{**g, "lr": _as_float(g["lr"])} for g in opt["param_groups"]]
+        sched = {k: ([_as_float(v) for v in val] if k in ("base_lrs", "_last_lr") else val)
+                 for k, val in self.scheduler.state_dict().items()}
+        return {"model": self.model.state_dict(), "optimizer": opt, "scheduler": sched,
                 "feature_loss": self.feature_loss.state_dict() if self.feature_loss is not None else None}
 
     @torch.no_grad()
@@ -453,6 +566,10 @@ class Trainer:
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
+        for g in self.optimizer.param_groups:  # lr storage of this run's mode (see __init__)
+            lr = _as_float(g["lr"])
+            g["lr"] = torch.tensor(lr, device=self.device) if self.use_graph else lr
+        self.invalidate_graphs()  # optimiser state and lr tensors were replaced
         # The schedule (epochs, milestones, steps per epoch, warm-up) and the base lrs come from the
         # config, not the file: only the step counter is restored. ``LambdaLR.load_state_dict`` would
         # otherwise write the saved lambdas' attributes into ours.
@@ -462,6 +579,10 @@ class Trainer:
         self.scheduler.base_lrs = base_lrs
         if self.feature_loss is not None and sd.get("feature_loss") is not None:
             self.feature_loss.load_state_dict(sd["feature_loss"])
+
+
+def _as_float(v: Any) -> Any:
+    return float(v) if torch.is_tensor(v) else v
 
 
 # ============================================================================ RNG and checkpoints

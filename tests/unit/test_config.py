@@ -20,7 +20,7 @@ DEFAULTS = {
     "model": "small_cnn", "width": 16, "block_style": "plain", "shortcut": "fp_1x1", "dropout": 0.0,
     "binarize": "bonn", "dataset": "digits", "data_root": None, "epochs": 10, "batch_size": 128,
     "seed": 0, "val_fraction": 0.1, "device": "auto", "amp": "auto", "channels_last": "auto",
-    "compile": False, "hist_epochs": [0, 2, 20, 200], "num_threads": 0,
+    "compile": False, "cuda_graph": "auto", "fused_bonn": "auto", "hist_epochs": [0, 2, 20, 200], "num_threads": 0,
 }
 
 

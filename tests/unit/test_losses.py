@@ -18,7 +18,7 @@ from trainables.losses import (
     closed_form_mu_sigma_,
     kernel_loss_value,
 )
-from trainables.losses import _plan
+from trainables.fused import layer_plan as _plan
 
 LAM, NU = 0.03, 0.2  # large enough that every term matters at float64 precision
 

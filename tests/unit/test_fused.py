@@ -1,0 +1,166 @@
+"""The fused all-layers BONN path (trainables.fused) against the per-layer reference.
+
+One training step of a whole model, fused vs reference: the gradient of every parameter the optimiser
+holds (latent kernels, w, mu, sigma, BN, FC, feature-loss centres and log-variances), in float32 and
+under bf16 autocast, contiguous and channels_last, both shapes of w. Plus the kernel outputs and
+gradients of the fused binarizer against BonnWeightBinarize in float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import trainables.layers as layers_mod
+
+from trainables.binarize import BonnWeightBinarize
+from trainables.config import TrainConfig
+from trainables.fused import bonn_kernels_and_loss, layer_plan
+from trainables.layers import BonnConv2d, bonn_layers
+from trainables.losses import bayesian_kernel_loss
+from trainables.models import build_model
+from trainables.train import Trainer
+
+
+def _step_grads(cfg_over: dict, fused: bool, channels_last: bool, amp: bool, seed: int = 0):
+    cfg = TrainConfig.from_dict({"model": "wrn22", "width": 16, "lam": 1e-2, "nu": 1e-1, "theta": 1e-2,
+                                 "feature_loss_start_epoch": 0, "device": "cpu", "epochs": 2,
+                                 "batch_size": 8, "fused_bonn": fused, "cuda_graph": False,
+                                 "channels_last": channels_last, "amp": amp, **cfg_over})
+    torch.manual_seed(seed)
+    model = build_model(cfg, 3, 10, 16)
+    gp = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # move the prior off its init (the exact minimiser, where d/dmu ~ 0)
+        for m in bonn_layers(model):
+            for t in (m.mu, m.sigma, m.w):
+                t.mul_(torch.empty(t.shape).uniform_(0.5, 1.5, generator=gp))
+    tr = Trainer(cfg, model, 10, torch.device("cpu"), steps_per_epoch=4, amp=amp,
+                 channels_last=channels_last, log=None)
+    tr.set_epoch(0)
+    assert tr.fused is fused
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    tr.train_step(x, y)
+    named = {f"model.{n}": p for n, p in tr.model.named_parameters()}
+    named.update({f"feature.{n}": p for n, p in tr.feature_loss.named_parameters()})
+    grads = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
+    params = {n: p.detach().clone() for n, p in named.items()}
+    return grads, params, tr.read_sums()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def _w_shape(w_shape: str):
+    """Models build their binary convs with ``layers.make_conv``; make it use this ``w_shape``."""
+    orig = layers_mod.make_conv
+    layers_mod.make_conv = lambda *a, **kw: orig(*a, **{**kw, "w_shape": w_shape})
+    try:
+        yield
+    finally:
+        layers_mod.make_conv = orig
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("w_shape", ["kxk", "cin_kxk"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_one_step_gradients_of_every_parameter_match_reference(channels_last, w_shape, amp):
+    with _w_shape(w_shape):
+        ref_g, ref_p, ref_m = _step_grads({}, False, channels_last, amp)
+        fus_g, fus_p, fus_m = _step_grads({}, True, channels_last, amp)
+    assert ref_g.keys() == fus_g.keys()
+    ws = [g for n, g in ref_g.items() if n.endswith(".w")]
+    assert len(ws) == 18, "WRN-22 has 18 binary convs"
+    assert all(g.dim() == (2 if w_shape == "kxk" else 3) for g in ws)
+    assert sum(n.endswith((".mu", ".sigma")) for n in ref_g) == 36
+    tol = 2e-5 if not amp else 2e-3
+    for n in ref_g:
+        err = _rel_err(fus_g[n], ref_g[n])
+        assert err < tol, (n, err)
+        assert fus_g[n].stride() == ref_g[n].stride(), n
+    for n in ref_p:
+        assert _rel_err(fus_p[n], ref_p[n]) < tol, n
+    for k in ("train_loss", "kernel_loss", "feature_loss", "ce_loss"):
+        assert fus_m[k] == pytest.approx(ref_m[k], rel=1e-4 if not amp else 1e-3), k
+    assert ref_m["kernel_loss"] > 0 and ref_m["feature_loss"] > 0
+
+
+def _layers(dtype=torch.float64, channels_last=False, w_shape="kxk", seed=0):
+    torch.manual_seed(seed)
+    specs = [(3, 8, 3), (8, 8, 3), (8, 8, 3), (8, 16, 3), (16, 16, 1)]
+    ls = [BonnConv2d(i, o, k, w_shape=w_shape).to(dtype) for i, o, k in specs]
+    with torch.no_grad():
+        for m in ls:
+            m.w.mul_(torch.empty_like(m.w).uniform_(0.5, 1.5))  # non-constant w
+            if channels_last:
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return ls
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("w_shape", ["kxk", "cin_kxk"])
+def test_fused_kernels_and_gradients_equal_reference_float64(channels_last, w_shape):
+    a = _layers(channels_last=channels_last, w_shape=w_shape)
+    b = _layers(channels_last=channels_last, w_shape=w_shape)
+    lam, nu = 0.3, 0.7
+    kernels, loss = bonn_kernels_and_loss(a, lam, nu)
+    ref_k = [BonnWeightBinarize.apply(m.weight, m.w) for m in b]
+    ref_loss = bayesian_kernel_loss(b, lam, nu, fused=False)
+    for k, r, m in zip(kernels, ref_k, a):
+        assert torch.equal(k, r)
+        assert k.stride() == m.weight.stride(), "kernels are laid out like the latent weights"
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    g = torch.Generator().manual_seed(3)
+    upstream = [torch.randn(k.shape, generator=g, dtype=k.dtype) for k in kernels]
+    total = loss * 1.7 + sum((k * u).sum() for k, u in zip(kernels, upstream))
+    ref_total = ref_loss * 1.7 + sum((k * u).sum() for k, u in zip(ref_k, upstream))
+    total.backward()
+    ref_total.backward()
+    for ma, mb in zip(a, b):
+        for name in ("weight", "w", "mu", "sigma"):
+            ga, gb = getattr(ma, name).grad, getattr(mb, name).grad
+            torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_fused_kernel_loss_alone_and_no_kernel_grads():
+    a, b = _layers(), _layers()
+    kernels, loss = bonn_kernels_and_loss(a, 0.5, 0.2)
+    loss.backward()  # kernels unused: only the kernel-loss gradients
+    bayesian_kernel_loss(b, 0.5, 0.2, fused=False).backward()
+    for ma, mb in zip(a, b):
+        torch.testing.assert_close(ma.weight.grad, mb.weight.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ma.w.grad, mb.w.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_lam_zero_gives_only_binarizer_gradients():
+    a, b = _layers(), _layers()
+    kernels, loss = bonn_kernels_and_loss(a, 0.0, 0.2)
+    assert loss.item() == 0.0
+    sum(k.sum() for k in kernels).backward()
+    sum(BonnWeightBinarize.apply(m.weight, m.w).sum() for m in b).backward()
+    for ma, mb in zip(a, b):
+        torch.testing.assert_close(ma.weight.grad, mb.weight.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ma.w.grad, mb.w.grad, rtol=1e-12, atol=1e-14)
+        assert ma.mu.grad is None and ma.sigma.grad is None
+
+
+def test_plans_follow_memory_layout():
+    a = _layers(channels_last=False)
+    c = _layers(channels_last=True)
+    pa, pc = layer_plan(a), layer_plan(c)
+    assert pa is not pc
+    assert pa.perms[1] == (0, 1, 2, 3) and pc.perms[1] == (0, 2, 3, 1)
+    assert [r.layers for r in pa.runs] == [1, 2, 1, 1]
+
+
+def test_bf16_kernels_are_the_autocast_cast_of_the_reference():
+    a = _layers(dtype=torch.float32)
+    kernels, _ = bonn_kernels_and_loss(a, 1e-4, 1e-4, out_dtype=torch.bfloat16)
+    for k, m in zip(kernels, a):
+        assert k.dtype == torch.bfloat16
+        assert torch.equal(k, BonnWeightBinarize.apply(m.weight, m.w).to(torch.bfloat16))
