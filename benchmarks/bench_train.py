@@ -43,14 +43,20 @@ from trainables.models import build_model  # noqa: E402
 from trainables.train import Trainer  # noqa: E402
 
 MODES = ("none", "xnor", "bonn-ref", "bonn")
-EXECS = ("eager", "graph")
+EXECS = ("eager", "graph", "compile")
 
 
-def _variant(mode: str, exe: str) -> dict:
-    """TrainConfig overrides of one cell: binarize mode x execution mode."""
-    fused = mode == "bonn"
-    return {"binarize": "bonn" if mode.startswith("bonn") else mode, "fused_bonn": fused,
-            "cuda_graph": exe == "graph"}
+def _variant(mode: str, exe: str) -> dict | None:
+    """TrainConfig overrides of one cell: binarize mode x execution mode (None: cell not timed).
+
+    ``compile`` = ``torch.compile`` of the model and the step captured as a CUDA graph; the fused
+    all-layers path is off under compile (the compiled model binarizes per layer, the kernel loss
+    runs fused outside it), so ``bonn-ref`` is not timed there (it would be the same cell).
+    """
+    if exe == "compile" and mode == "bonn-ref":
+        return None
+    return {"binarize": "bonn" if mode.startswith("bonn") else mode, "fused_bonn": mode == "bonn",
+            "cuda_graph": exe in ("graph", "compile"), "compile": exe == "compile"}
 
 
 def _sync(device: torch.device) -> None:
@@ -103,6 +109,9 @@ def measure(cfg: TrainConfig, device, amp, cl, batches, in_ch, size, num_classes
     return steps * cfg.batch_size / dt
 
 
+_PROFILES: dict[tuple, dict[str, tuple[float, float]]] = {}
+
+
 def _profile(trainer: Trainer, batches, steps: int, device, cfg: TrainConfig) -> None:
     """Where the time of a step goes: kernels launched, GPU-busy time and wall time per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -120,10 +129,27 @@ def _profile(trainer: Trainer, batches, steps: int, device, cfg: TrainConfig) ->
     if device.type == "cuda":
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         busy = sum(e.device_time for e in kernels) / 1e3 / steps
-        print(f"[profile] {cfg.binarize} fused={trainer.fused} graph={trainer.use_graph}: "
-              f"{len(kernels) / steps:.0f} GPU kernels/step, GPU busy {busy:.2f} ms/step, "
+        tag = (f"{cfg.binarize} fused={trainer.fused} graph={trainer.use_graph} compile={cfg.compile}")
+        print(f"[profile] {tag}: {len(kernels) / steps:.0f} GPU kernels/step, GPU busy {busy:.2f} ms/step, "
               f"wall {wall:.2f} ms/step (profiler on)")
         print(ev.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+        per = {}
+        for e in kernels:
+            n, t = per.get(e.name, (0, 0.0))
+            per[e.name] = (n + 1, t + e.device_time)
+        _PROFILES[(cfg.binarize, trainer.use_graph, cfg.compile)] = {k: (n / steps, t / steps) for k, (n, t)
+                                                                     in per.items()}
+        base = _PROFILES.get(("none", trainer.use_graph, cfg.compile))
+        if cfg.binarize == "bonn" and base is not None:
+            mine = _PROFILES[(cfg.binarize, trainer.use_graph, cfg.compile)]
+            diff = sorted(((mine.get(k, (0, 0))[1] - base.get(k, (0, 0))[1],
+                            mine.get(k, (0, 0))[0] - base.get(k, (0, 0))[0], k) for k in set(mine) | set(base)),
+                          reverse=True)
+            print(f"[profile] kernels bonn adds over none ({tag}): "
+                  f"{sum(d[1] for d in diff):+.0f} kernels/step, {sum(d[0] for d in diff) / 1e3:+.3f} ms/step")
+            print("| us/step | kernels/step | kernel |\n|---|---|---|")
+            for dt, dn, k in diff[:15]:
+                print(f"| {dt:+.1f} | {dn:+.0f} | {k[:90]} |")
     else:
         print(f"[profile] {cfg.binarize} fused={trainer.fused}: wall {wall:.2f} ms/step (profiler on)")
         print(ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
@@ -158,11 +184,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
     ap.add_argument("--repeats", type=int, default=1, help="median over this many timings per cell")
     ap.add_argument("--modes", default=",".join(MODES), help="of none, xnor, bonn-ref, bonn")
-    ap.add_argument("--exec", default=None, help="execution modes, of eager, graph (default: eager on "
-                                                 "CPU, eager,graph on CUDA)")
+    ap.add_argument("--exec", default=None, help="execution modes, of eager, graph, compile (default: "
+                                                 "eager on CPU, eager,graph on CUDA)")
+    ap.add_argument("--profile-exec", default="eager,graph", help="execution modes to profile")
     ap.add_argument("--no-random", action="store_true", help="time the real pipeline only (needs --real-data)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="also profile this many steps of bonn-ref and bonn per execution mode")
+                    help="also profile this many steps of none and bonn per profiled execution mode, "
+                         "with the kernels bonn adds over none")
     args = ap.parse_args(argv)
     if args.no_random and not args.real_data:
         ap.error("--no-random: needs --real-data")
@@ -188,8 +216,9 @@ def main(argv=None) -> int:
 
     execs = [e for e in (args.exec or ("eager,graph" if device.type == "cuda" else "eager")).split(",") if e]
     for e in execs:
-        if e not in EXECS or (e == "graph" and device.type != "cuda"):
-            ap.error(f"--exec: {e!r} is not one of {list(EXECS)} (graph needs CUDA)")
+        if e not in EXECS or (e != "eager" and device.type != "cuda"):
+            ap.error(f"--exec: {e!r} is not one of {list(EXECS)} (graph and compile need CUDA)")
+    profile_execs = set(args.profile_exec.split(","))
 
     rows = []
     for name, data in sources:
@@ -200,14 +229,18 @@ def main(argv=None) -> int:
         for exe in execs:
             res = {}
             for mode in modes:
-                cfg = TrainConfig.from_dict({**base, **_variant(mode, exe)})
+                over = _variant(mode, exe)
+                if over is None:
+                    continue
+                cfg = TrainConfig.from_dict({**base, **over})
                 vals = []
                 for r in range(args.repeats):
                     batches = (_batches_random(device, args.batch_size, in_ch, size, ncls) if data is None
                                else _batches_real(data, args.batch_size, device))
-                    prof = args.profile if (r == 0 and mode.startswith("bonn") and name == sources[0][0]) else 0
+                    prof = args.profile if (r == 0 and mode in ("none", "bonn") and exe in profile_execs
+                                            and name == sources[0][0]) else 0
                     # a captured step needs graph_warmup eager steps and the capture first
-                    wu = max(warmup, 6) if exe == "graph" else warmup
+                    wu = max(warmup, 6) if exe != "eager" else warmup
                     vals.append(measure(cfg, device, amp, cl, batches, in_ch, size, ncls, args.steps, wu,
                                         profile=prof))
                 res[mode] = statistics.median(vals)
@@ -224,7 +257,8 @@ def main(argv=None) -> int:
     print("|" + "---|" * (len(modes) + 3))
     for name, exe, res in rows:
         ratio = (f"{res['bonn'] / res['none']:.2f}x" if "bonn" in res and "none" in res else "-")
-        print(f"| {name} | {exe} | " + " | ".join(f"{res[m]:.0f}" for m in modes) + f" | {ratio} |")
+        print(f"| {name} | {exe} | " + " | ".join(f"{res[m]:.0f}" if m in res else "-" for m in modes)
+              + f" | {ratio} |")
     return 0
 
 

@@ -315,6 +315,7 @@ class Trainer:
         if device.type == "cuda":
             kw["fused"] = True
         self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, **kw)
+        self._init_momentum_buffers()
         self.steps_per_epoch = steps_per_epoch
         # Runtime choices (docs/contracts.md): one autograd node for all BONN layers' kernels and
         # kernel loss (trainables.fused), and the whole step captured as a CUDA graph.
@@ -342,6 +343,23 @@ class Trainer:
         self.graph_warmup = 3
         self.graph_failed: str | None = None
         self.reset_sums()
+
+    @torch.no_grad()
+    def _init_momentum_buffers(self) -> None:
+        """A zero momentum buffer for every parameter of a momentum group that has none.
+
+        The same update as SGD's lazy ``buf = grad`` on a parameter's first step (dampening is 0), but
+        the set of buffers no longer grows mid-training: fused SGD on CUDA cannot step a group in
+        which some parameters have buffers and others not (the feature loss' ``log_var`` joins the
+        ``slow`` group at ``feature_loss_start_epoch``), and a captured step needs them to exist.
+        """
+        for g in self.optimizer.param_groups:
+            if g["momentum"] == 0 or g.get("dampening", 0) != 0:
+                continue
+            for p in g["params"]:
+                st = self.optimizer.state[p]
+                if st.get("momentum_buffer") is None:
+                    st["momentum_buffer"] = torch.zeros_like(p)
 
     # ------------------------------------------------------------------ per epoch
     def set_epoch(self, epoch: int) -> None:
@@ -569,6 +587,7 @@ class Trainer:
         for g in self.optimizer.param_groups:  # lr storage of this run's mode (see __init__)
             lr = _as_float(g["lr"])
             g["lr"] = torch.tensor(lr, device=self.device) if self.use_graph else lr
+        self._init_momentum_buffers()
         self.invalidate_graphs()  # optimiser state and lr tensors were replaced
         # The schedule (epochs, milestones, steps per epoch, warm-up) and the base lrs come from the
         # config, not the file: only the step counter is restored. ``LambdaLR.load_state_dict`` would

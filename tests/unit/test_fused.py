@@ -164,3 +164,29 @@ def test_bf16_kernels_are_the_autocast_cast_of_the_reference():
     for k, m in zip(kernels, a):
         assert k.dtype == torch.bfloat16
         assert torch.equal(k, BonnWeightBinarize.apply(m.weight, m.w).to(torch.bfloat16))
+
+
+def test_every_momentum_parameter_has_a_buffer_from_the_start_and_after_a_resume():
+    """Fused SGD (CUDA) cannot step a group where only some parameters have momentum buffers; the
+    feature loss' log_var joins the momentum group 'slow' mid-training."""
+    cfg = TrainConfig.from_dict({"model": "small_cnn", "width": 8, "device": "cpu", "epochs": 2,
+                                 "feature_loss_start_epoch": 1, "cuda_graph": False})
+    torch.manual_seed(0)
+    tr = Trainer(cfg, build_model(cfg, 1, 10, 8), 10, torch.device("cpu"), steps_per_epoch=2, log=None)
+
+    def missing():
+        return [p.shape for g in tr.optimizer.param_groups if g["momentum"] != 0 for p in g["params"]
+                if tr.optimizer.state[p].get("momentum_buffer") is None]
+
+    assert not missing()
+    sd = tr.state_dict()
+    sd["optimizer"]["state"] = {}  # a checkpoint written before any step
+    tr.load_state_dict(sd)
+    assert not missing()
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    tr.set_epoch(0)
+    tr.train_step(x, y)
+    tr.set_epoch(1)  # feature loss on: centres and log_var get gradients from now on
+    tr.train_step(x, y)
+    assert tr.feature_loss.log_var.grad is not None
+    assert tr.optimizer.state[tr.feature_loss.log_var]["momentum_buffer"].abs().sum() > 0
