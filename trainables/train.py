@@ -33,9 +33,14 @@ minimisers (``closed_form_mu_sigma_``); ``mu``, ``sigma`` are then clamped posit
 STE mask ``|w X| <= 1`` already starves weights outside).
 
 Runtime: on CUDA, bf16 autocast (``amp``) and channels_last (``channels_last``) by default, optional
-``torch.compile`` of the model. Loss sums and correct counts are accumulated on the device and read
-once per epoch (one host sync per epoch in the training loop); a non-finite epoch loss raises
-``TrainingDiverged`` then. ``images_per_s`` = training images / wall time of the training loop.
+``torch.compile`` of the model. Also on CUDA by default: ``fused_bonn`` (every BONN layer's binary
+kernel and the kernel loss in one autograd node, ``trainables.fused``; same values and gradients as
+the per-layer reference) and ``cuda_graph`` (the whole step captured as a CUDA graph per batch shape
+and feature-loss state after 3 eager warm-up steps, then replayed; the scheduler writes the learning
+rates into device tensors the graph reads; not with data parallelism). Loss sums and correct counts
+are accumulated on the device and read once per epoch (one host sync per epoch in the training loop);
+a non-finite epoch loss raises ``TrainingDiverged`` then. ``images_per_s`` = training images / wall
+time of the training loop.
 
 Checkpoints (``checkpoint_dir/checkpoint.pt``, written atomically after every epoch): model, optimiser,
 scheduler, feature-loss state, RNG states (torch CPU, CUDA, NumPy, Python, the data generator), epoch,
