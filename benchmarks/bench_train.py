@@ -12,8 +12,9 @@ fit() parameter groups, the post-step clamps), on
 Execution modes (``--exec``, each a column group of the table): ``eager`` (``cuda_graph=false``) and
 ``graph`` (the whole step captured as a CUDA graph, ``cuda_graph=true``; CUDA only); with
 ``--compile`` the model is also ``torch.compile``d. For ``bonn`` both the per-layer reference path
-(``fused_bonn=false``, column ``bonn-ref``) and the fused all-layers path (``fused_bonn=true``,
-column ``bonn``) are timed; ``none`` and ``xnor`` have no BONN layers.
+(``fused_bonn=false``, column ``bonn-ref``), the fused all-layers path (``fused_bonn=true``,
+column ``bonn``) and the fused path with its flat math and the activation sign torch.compile'd
+(``fused_bonn=compiled``, column ``bonn-c``) are timed; ``none`` and ``xnor`` have no BONN layers.
 
 Prints a markdown table (device, torch version, images/s per mode, ratio bonn/none) to stdout;
 ``--profile`` adds a torch.profiler summary per BONN variant (kernels per step, GPU-busy vs wall time
@@ -42,7 +43,7 @@ from trainables.data import DeviceData  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 from trainables.train import Trainer  # noqa: E402
 
-MODES = ("none", "xnor", "bonn-ref", "bonn")
+MODES = ("none", "xnor", "bonn-ref", "bonn", "bonn-c")
 EXECS = ("eager", "graph", "compile")
 
 
@@ -53,9 +54,10 @@ def _variant(mode: str, exe: str) -> dict | None:
     all-layers path is off under compile (the compiled model binarizes per layer, the kernel loss
     runs fused outside it), so ``bonn-ref`` is not timed there (it would be the same cell).
     """
-    if exe == "compile" and mode == "bonn-ref":
+    if exe == "compile" and mode in ("bonn-ref", "bonn-c"):
         return None
-    return {"binarize": "bonn" if mode.startswith("bonn") else mode, "fused_bonn": mode == "bonn",
+    fused = {"bonn": True, "bonn-c": "compiled"}.get(mode, False)
+    return {"binarize": "bonn" if mode.startswith("bonn") else mode, "fused_bonn": fused,
             "cuda_graph": exe in ("graph", "compile"), "compile": exe == "compile"}
 
 
@@ -129,7 +131,8 @@ def _profile(trainer: Trainer, batches, steps: int, device, cfg: TrainConfig) ->
     if device.type == "cuda":
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         busy = sum(e.device_time for e in kernels) / 1e3 / steps
-        tag = (f"{cfg.binarize} fused={trainer.fused} graph={trainer.use_graph} compile={cfg.compile}")
+        tag = (f"{cfg.binarize} fused={trainer.fused} compiled_math={trainer.compile_math} "
+               f"graph={trainer.use_graph} compile={cfg.compile}")
         print(f"[profile] {tag}: {len(kernels) / steps:.0f} GPU kernels/step, GPU busy {busy:.2f} ms/step, "
               f"wall {wall:.2f} ms/step (profiler on)")
         print(ev.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
     ap.add_argument("--repeats", type=int, default=1, help="median over this many timings per cell")
-    ap.add_argument("--modes", default=",".join(MODES), help="of none, xnor, bonn-ref, bonn")
+    ap.add_argument("--modes", default=",".join(MODES), help="of " + ", ".join(MODES))
     ap.add_argument("--exec", default=None, help="execution modes, of eager, graph, compile (default: "
                                                  "eager on CPU, eager,graph on CUDA)")
     ap.add_argument("--profile-exec", default="eager,graph", help="execution modes to profile")
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
                 for r in range(args.repeats):
                     batches = (_batches_random(device, args.batch_size, in_ch, size, ncls) if data is None
                                else _batches_real(data, args.batch_size, device))
-                    prof = args.profile if (r == 0 and mode in ("none", "bonn") and exe in profile_execs
+                    prof = args.profile if (r == 0 and mode in ("none", "bonn", "bonn-c") and exe in profile_execs
                                             and name == sources[0][0]) else 0
                     # a captured step needs graph_warmup eager steps and the capture first
                     wu = max(warmup, 6) if exe != "eager" else warmup
@@ -252,13 +255,13 @@ def main(argv=None) -> int:
     print(f"\ndevice: {device.type} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"model {args.model} width {args.width}, batch {args.batch_size}, steps {args.steps} "
           f"(warmup {warmup}), amp {amp}, channels_last {cl}, compile {args.compile}\n")
-    header = "| data | exec | " + " | ".join(f"{m} (img/s)" for m in modes) + " | bonn/none |"
+    header = "| data | exec | " + " | ".join(f"{m} (img/s)" for m in modes) + " | bonn/none | bonn-c/none |"
     print(header)
-    print("|" + "---|" * (len(modes) + 3))
+    print("|" + "---|" * (len(modes) + 4))
     for name, exe, res in rows:
-        ratio = (f"{res['bonn'] / res['none']:.2f}x" if "bonn" in res and "none" in res else "-")
+        ratio = [f"{res[b] / res['none']:.2f}x" if b in res and "none" in res else "-" for b in ("bonn", "bonn-c")]
         print(f"| {name} | {exe} | " + " | ".join(f"{res[m]:.0f}" if m in res else "-" for m in modes)
-              + f" | {ratio} |")
+              + f" | {ratio[0]} | {ratio[1]} |")
     return 0
 
 

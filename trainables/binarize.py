@@ -29,6 +29,7 @@ __all__ = [
     "bonn_binarize",
     "clipped_grad",
     "sign",
+    "use_compiled_sign",
     "xnor_binarize",
 ]
 
@@ -46,13 +47,36 @@ def _plus_minus_one(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pm
 
 
+def _sign_traced(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+_COMPILED_SIGN = None
+
+
+def use_compiled_sign(enabled: bool) -> None:
+    """Make :func:`sign` of CUDA tensors one compiled kernel (instead of a compare and a ``where``).
+
+    Process-wide; set by ``Trainer`` from ``fused_bonn`` (``compiled``). Same values either way.
+    """
+    global _COMPILED_SIGN
+    if not enabled:
+        _COMPILED_SIGN = None
+    elif _COMPILED_SIGN is None:
+        from .compiled import SafeCompiled
+
+        _COMPILED_SIGN = SafeCompiled(_sign_traced, dynamic=True)
+
+
 def sign(x: torch.Tensor) -> torch.Tensor:
     """Sign that is never zero: ``+1`` where ``x >= 0`` (``-0.0`` included), ``-1`` elsewhere.
 
     Same dtype and device as ``x``. Not differentiable by itself (use :class:`SignSTE`).
     """
     if torch.compiler.is_compiling():
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        return _sign_traced(x)
+    if _COMPILED_SIGN is not None and x.is_cuda:
+        return _COMPILED_SIGN(x)
     one, minus_one = _plus_minus_one(x)
     return torch.where(x >= 0, one, minus_one)
 

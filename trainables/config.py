@@ -89,7 +89,7 @@ class TrainConfig:
     channels_last: bool | str = "auto"
     compile: bool = False
     cuda_graph: bool | str = "auto"
-    fused_bonn: bool | str = "auto"
+    fused_bonn: bool | str = "auto"  # true | false | "compiled" | "auto"
     hist_epochs: tuple[int, ...] = (0, 2, 20, 200)
     num_threads: int = 0
 
@@ -206,6 +206,12 @@ def _choice(options):
     return rule
 
 
+def _fused_bonn(name, v):
+    if v in ("auto", "compiled") or isinstance(v, bool):
+        return v
+    raise ConfigError(name, "must be true, false, 'compiled' or 'auto'", v)
+
+
 def _bool_or_auto(name, v):
     if v == "auto" or isinstance(v, bool):
         return v
@@ -283,7 +289,7 @@ _RULES = {
     "channels_last": _bool_or_auto,
     "compile": _bool,
     "cuda_graph": _bool_or_auto,
-    "fused_bonn": _bool_or_auto,
+    "fused_bonn": _fused_bonn,
     "hist_epochs": _hist_epochs,
     "num_threads": _int_ge(0),
 }

@@ -27,11 +27,13 @@ whole step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .binarize import clipped_grad, sign
+from .compiled import SafeCompiled
 
 __all__ = ["bonn_kernels_and_loss", "flat_weights", "kernel_loss_all_layers", "layer_plan", "per_filter_sum",
            "unflat_filters"]
@@ -49,7 +51,9 @@ class _Run:
     out_ch: int  # C_out
     k: int  # elements per output filter, C_in k k
     p: int  # elements of w
-    to_logical: torch.Tensor | None  # (k,) storage position of each logical in-filter position (None: same)
+    st_shape: tuple[int, ...]  # one kernel in storage order, e.g. (C_out, k, k, C_in) for channels_last
+    sum_dims: tuple[int, ...]  # dims of (layers, *st_shape) summed for the per-position (w) sums
+    w_perm: tuple[int, ...] | None  # then the order that puts w's dims back in logical order (None: as is)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class _Plan:
     f_idx: torch.Tensor  # (N,) global output-filter index of each flat kernel element
     w_layer: torch.Tensor  # (sum P_l,) layer index of each w element
     inv_k: torch.Tensor  # (F,) 1 / K_l for every filter, in the data dtype
+    compile_math: bool = field(default=False)  # run the flat math torch.compile'd (set_compile_math)
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -101,24 +106,22 @@ def layer_plan(layers: list) -> _Plan:
         f_idx.append(off_f + torch.arange(n, dtype=torch.int64) // k)
         w_layer.append(torch.full((p,), li, dtype=torch.int64))
         inv_k.append(torch.full((co,), 1.0 / k, dtype=torch.float64))
-        in_filter = logical[:k]  # filter 0; identical offsets for every filter (dim 0 outermost)
-        to_logical = None
-        if not torch.equal(in_filter, torch.arange(k)):
-            to_logical = torch.empty(k, dtype=torch.int64)
-            to_logical[in_filter] = torch.arange(k)
+        # per-position sums: over the output filters and every kernel dim that w does not cover
+        w_dims = set(range(len(xs) - len(ws), len(xs)))
+        st_shape = tuple(xs[d] for d in perm)
+        sum_dims = (1,) + tuple(1 + j for j, d in enumerate(perm) if j > 0 and d not in w_dims)
+        kept = [d for d in perm if d in w_dims]  # w's dims in storage order
+        w_perm = None if kept == sorted(kept) else tuple(sorted(range(len(kept)), key=lambda i: kept[i]))
         same = li > 0 and (shapes[li - 1], perms[li - 1]) == ((xs, ws), perm)
         if same:
             last = runs[-1]
-            runs[-1] = _Run(last.x0, off_x + n, last.w0, off_w + p, last.layers + 1, co, k, p, last.to_logical)
+            runs[-1] = _Run(last.x0, off_x + n, last.w0, off_w + p, last.layers + 1, co, k, p, st_shape,
+                            sum_dims, w_perm)
         else:
-            runs.append(_Run(off_x, off_x + n, off_w, off_w + p, 1, co, k, p, to_logical))
+            runs.append(_Run(off_x, off_x + n, off_w, off_w + p, 1, co, k, p, st_shape, sum_dims, w_perm))
         off_x, off_w, off_f = off_x + n, off_w + p, off_f + co
     idx_dtype = torch.int32 if off_x < 2**31 - 1 else torch.int64
     dev = X0.device
-    runs = [r if r.to_logical is None else _Run(*[getattr(r, f) for f in ("x0", "x1", "w0", "w1", "layers",
-                                                                             "out_ch", "k", "p")],
-                                                    r.to_logical.to(dev))
-            for r in runs]
     plan = _Plan(
         numel_x=[math.prod(xs) for xs, _ in shapes],
         numel_w=[math.prod(ws) for _, ws in shapes],
@@ -169,10 +172,10 @@ def _per_position_sum(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """``x``: flat kernel-layout ``(N,)`` -> sums over all kernels for each ``w`` element ``(sum P_l,)``."""
     out = []
     for r in plan.runs:
-        s = x[r.x0 : r.x1].view(r.layers, r.out_ch, r.k).sum(1)  # per in-filter position, storage order
-        if r.to_logical is not None:
-            s = s.index_select(1, r.to_logical)  # -> logical order, w's dims trailing
-        out.append(s.view(r.layers, r.k // r.p, r.p).sum(1).view(-1))
+        s = x[r.x0 : r.x1].view(r.layers, *r.st_shape).sum(r.sum_dims)  # (layers, w dims in storage order)
+        if r.w_perm is not None:
+            s = s.permute(0, *(1 + i for i in r.w_perm))
+        out.append(s.reshape(-1))
     return _cat(out)
 
 
@@ -181,61 +184,113 @@ def _per_layer_mean_w(wc: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return _cat([wc[r.w0 : r.w1].view(r.layers, r.p).mean(1) for r in plan.runs])
 
 
+def _forward_math(plan: _Plan, lam: float, nu: float, need: tuple[bool, bool, bool, bool], out_dtype,
+                  X: torch.Tensor, wc: torch.Tensor, pf: torch.Tensor):
+    """Flat forward: ``X`` (N,), ``wc`` (sum P_l,), ``pf`` = cat(mu, sigma) (2F,) ->
+    ``(value, kernels in out_dtype, w_e, [lam*dL/dX], [lam*r], [dL/dmu], [dL/dsigma])``.
+
+    The formulas are those of ``BonnWeightBinarize`` and ``bayesian_kernel_loss`` (their docstrings).
+    """
+    need_x, need_w, need_mu, need_sigma = need
+    wbar = _per_layer_mean_w(wc, plan)  # (L,)
+    pos = torch.stack((wc, wbar.index_select(0, plan.w_layer)), 1).index_select(0, plan.w_idx)
+    w_e, wbar_e = pos.unbind(1)
+    s = sign(X)
+    xhat = wbar_e * s  # the forward kernels, flat
+    gX = lr = gmu = gsig = None
+    if lam != 0:
+        F_ = pf.shape[0] // 2
+        mc, sc = pf[:F_], pf[F_:]
+        s2 = sc * sc
+        nis = nu / s2  # nu * sigma^-2 per filter
+        fil = torch.stack((mc, nis), 1).index_select(0, plan.f_idx)
+        mu_e, nis_e = fil.unbind(1)
+        d = s * X - mu_e  # |X| - mu (sign(0) = +1: X = 0 sits in the '+' mode)
+        r = w_e * X - xhat  # w*X - X_hat
+        D1, D2 = per_filter_sum(torch.stack((d, d * d), 1), plan).unbind(1)  # per filter sum d, sum d^2
+        value = 0.5 * lam * ((r * r).sum() + (nis * D2 * (1.0 + plan.inv_k)).sum() + nu * torch.log(s2).sum())
+        if need_x:
+            gX = lam * (w_e * r + nis_e * d * s)
+        if need_w:
+            lr = lam * r  # dL/dw = per-position sum of lam r X, taken in backward with the binarizer's part
+        if need_mu:
+            gmu = -lam * nis * plan.inv_k * D1
+        if need_sigma:
+            gsig = lam * nu / sc * (1.0 - D2 * plan.inv_k / s2)
+    else:
+        value = X.new_zeros(())
+    return value, xhat.to(out_dtype), w_e, gX, lr, gmu, gsig
+
+
+def _backward_math(plan: _Plan, need_x: bool, need_w: bool, X: torch.Tensor, w_e: torch.Tensor,
+                   G: torch.Tensor | None, g_loss: torch.Tensor, gX_k, lr_k):
+    """Flat backward: binarizer gradient from the kernels' gradient ``G`` plus ``g_loss`` times the loss's."""
+    gX = coef = None
+    if G is not None:
+        gm = clipped_grad(G, w_e * X)  # G * 1{-1 <= w X <= 1}
+        if need_x:
+            gX = gm * w_e
+        if need_w:
+            coef = gm
+    if gX_k is not None:
+        gX = gX_k * g_loss if gX is None else torch.addcmul(gX, gX_k, g_loss)
+    if lr_k is not None:
+        coef = lr_k * g_loss if coef is None else torch.addcmul(coef, lr_k, g_loss)
+    gw = _per_position_sum(coef * X, plan) if coef is not None else None
+    return gX, gw
+
+
+_COMPILED: dict[tuple, SafeCompiled] = {}
+
+
+def _math(name: str, plan: _Plan, *static):
+    """The flat math with its static arguments bound: eager, or torch.compile'd when
+    ``plan.compile_math`` (cached per plan and static arguments; see ``trainables.compiled``)."""
+    fn = _forward_math if name == "fwd" else _backward_math
+
+    def bound(*a):
+        return fn(plan, *static, *a)
+
+    if not plan.compile_math:
+        return bound
+    key = (name, id(plan), static)
+    c = _COMPILED.get(key)
+    if c is None:
+        if len(_COMPILED) >= 32:
+            _COMPILED.clear()
+        c = _COMPILED[key] = SafeCompiled(bound, dynamic=False, fullgraph=True)
+    return c
+
+
 class _BonnAllLayers(torch.autograd.Function):
     """Binary kernels of every layer and the Bayesian kernel loss, with analytic gradients.
 
     Inputs after ``(plan, lam, nu, out_dtype, emit)``: ``X_1..X_L, w_1..w_L, mu_1..mu_L,
     sigma_1..sigma_L``. Outputs: the kernel loss (0-dim, the weights' dtype; zero when ``lam == 0``) and, when
     ``emit``, the ``L`` forward kernels ``mean(w_l) sign(X_l)`` in ``out_dtype`` (views of one flat
-    buffer, laid out like each ``X_l``). The loss gradients are computed in forward (they share every
-    intermediate with the value) and scaled by the incoming gradient in backward, where the
-    binarizer's gradient is added in the same pass.
+    buffer, laid out like each ``X_l``). The loss gradients of X, mu and sigma are computed in forward
+    (they share every intermediate with the value) and scaled by the incoming gradient in backward,
+    where the binarizer's gradient is added in the same pass; w's two gradients share one reduction.
     """
 
     @staticmethod
     def forward(ctx, plan: _Plan, lam: float, nu: float, out_dtype, emit: bool, *tensors: torch.Tensor):
         L = len(plan.numel_x)
-        Xs, ws, mus, sigmas = tensors[:L], tensors[L : 2 * L], tensors[2 * L : 3 * L], tensors[3 * L :]
+        Xs, ws, pfs = tensors[:L], tensors[L : 2 * L], tensors[2 * L :]
         need = ctx.needs_input_grad[5:]
-        need_x, need_w, need_mu, need_sigma = (any(need[j * L : (j + 1) * L]) for j in range(4))
-
+        need4 = tuple(any(need[j * L : (j + 1) * L]) for j in range(4))
         X = flat_weights(Xs, plan)
         wc = _cat([w.reshape(-1) for w in ws])
-        wbar = _per_layer_mean_w(wc, plan)  # (L,)
-        pos = torch.stack((wc, wbar.index_select(0, plan.w_layer)), 1).index_select(0, plan.w_idx)
-        w_e, wbar_e = pos.unbind(1)
-        s = sign(X)
-        xhat = wbar_e * s  # the forward kernels, flat
-
-        saved = [None, None, None, None]
-        if lam != 0:
-            mc = _cat(list(mus))
-            sc = _cat(list(sigmas))
-            s2 = sc * sc
-            nis = nu / s2  # nu * sigma^-2 per filter
-            fil = torch.stack((mc, nis), 1).index_select(0, plan.f_idx)
-            mu_e, nis_e = fil.unbind(1)
-            d = s * X - mu_e  # |X| - mu (sign(0) = +1: X = 0 sits in the '+' mode)
-            r = w_e * X - xhat  # w*X - X_hat
-            D1, D2 = per_filter_sum(torch.stack((d, d * d), 1), plan).unbind(1)  # per filter sum d, sum d^2
-            value = 0.5 * lam * ((r * r).sum() + (nis * D2 * (1.0 + plan.inv_k)).sum() + nu * torch.log(s2).sum())
-            if need_x:
-                saved[0] = lam * (w_e * r + nis_e * d * s)
-            if need_w:
-                saved[1] = lam * _per_position_sum(r * X, plan)
-            if need_mu:
-                saved[2] = -lam * nis * plan.inv_k * D1
-            if need_sigma:
-                saved[3] = lam * nu / sc * (1.0 - D2 * plan.inv_k / s2)
-        else:
-            value = X.new_zeros(())
-        ctx.plan, ctx.emit = plan, emit
+        pf = _cat(list(pfs))  # mu_1..mu_L, sigma_1..sigma_L
+        value, kflat, w_e, gX_k, lr_k, gmu_k, gsig_k = _math("fwd", plan, float(lam), float(nu), need4,
+                                                              out_dtype)(X, wc, pf)
+        saved = [gX_k, lr_k, gmu_k, gsig_k]
+        ctx.plan, ctx.emit, ctx.need4 = plan, emit, need4
         ctx.has = [t is not None for t in saved]
         ctx.save_for_backward(X, w_e, *[t for t in saved if t is not None])
         if not emit:
             return value
-        kernels = _unflat_kernels(xhat.to(out_dtype), plan)
-        return (value, *kernels)
+        return (value, *_unflat_kernels(kflat, plan))
 
     @staticmethod
     def backward(ctx, g_loss: torch.Tensor, *g_kernels: torch.Tensor):
@@ -243,26 +298,17 @@ class _BonnAllLayers(torch.autograd.Function):
         L = len(plan.numel_x)
         X, w_e, *rest = ctx.saved_tensors
         it = iter(rest)
-        gX_k, gw_k, gmu_k, gsig_k = (next(it) if h else None for h in ctx.has)
+        gX_k, lr_k, gmu_k, gsig_k = (next(it) if h else None for h in ctx.has)
         needs = ctx.needs_input_grad
         need_x = any(needs[5 : 5 + L])
         need_w = any(needs[5 + L : 5 + 2 * L])
         g_loss = g_loss.to(X.dtype)
-
-        gX = gw = None
+        G = None
         if ctx.emit and any(g is not None for g in g_kernels):
             G = _cat([(g if g is not None else torch.zeros(sh, dtype=X.dtype, device=X.device).permute(ip))
                       .permute(pm).reshape(-1) for g, sh, pm, ip in
                       zip(g_kernels, plan.st_shapes, plan.perms, plan.inv_perms)]).to(X.dtype)
-            gm = clipped_grad(G, w_e * X)  # G * 1{-1 <= w X <= 1}
-            if need_x:
-                gX = gm * w_e
-            if need_w:
-                gw = _per_position_sum(gm * X, plan)
-        if gX_k is not None:
-            gX = gX_k * g_loss if gX is None else torch.addcmul(gX, gX_k, g_loss)
-        if gw_k is not None:
-            gw = gw_k * g_loss if gw is None else torch.addcmul(gw, gw_k, g_loss)
+        gX, gw = _math("bwd", plan, need_x, need_w)(X, w_e, G, g_loss, gX_k, lr_k)
         out: list = [None] * 5
         out += _unflat_kernels(gX, plan) if gX is not None else [None] * L
         out += ([p.view(sh) for p, sh in zip(gw.split(plan.numel_w), plan.w_shapes)] if gw is not None
@@ -276,15 +322,18 @@ def _tensors(layers: list) -> list[torch.Tensor]:
     return [m.weight for m in layers] + [m.w for m in layers] + [m.mu for m in layers] + [m.sigma for m in layers]
 
 
-def bonn_kernels_and_loss(layers: list, lam: float, nu: float,
-                          out_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def bonn_kernels_and_loss(layers: list, lam: float, nu: float, out_dtype: torch.dtype | None = None,
+                          compile_math: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``([mean(w_l) sign(X_l) for each layer], L_K)`` in one autograd node.
 
     Kernels are in ``out_dtype`` (default: the weights' dtype; pass the autocast dtype so the
     convolutions need no cast), laid out like each layer's ``weight``. ``L_K`` is
     :func:`trainables.losses.bayesian_kernel_loss` of ``layers`` (a zero when ``lam == 0``).
+    ``compile_math``: run the flat forward and backward math torch.compile'd (a handful of fused
+    kernels instead of ~80 small ones; falls back to the eager math if compiling fails).
     """
     plan = layer_plan(layers)
+    plan.compile_math = bool(compile_math)
     dt = out_dtype or layers[0].weight.dtype
     value, *kernels = _BonnAllLayers.apply(plan, float(lam), float(nu), dt, True, *_tensors(layers))
     return kernels, value
@@ -293,4 +342,5 @@ def bonn_kernels_and_loss(layers: list, lam: float, nu: float,
 def kernel_loss_all_layers(layers: list, lam: float, nu: float) -> torch.Tensor:
     """:func:`trainables.losses.bayesian_kernel_loss` of ``layers`` in one autograd node (no kernels)."""
     plan = layer_plan(layers)
+    plan.compile_math = False
     return _BonnAllLayers.apply(plan, float(lam), float(nu), layers[0].weight.dtype, False, *_tensors(layers))

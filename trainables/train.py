@@ -280,6 +280,10 @@ def resolve_runtime(cfg: TrainConfig) -> tuple[torch.device, bool, bool]:
     return dev, amp, cl
 
 
+#: What ``fused_bonn: auto`` means on CUDA (on CPU it means false).
+FUSED_BONN_AUTO_CUDA: bool | str = "compiled"
+
+
 @dataclass
 class _CapturedStep:
     """One training step captured as a CUDA graph, with the input tensors it reads."""
@@ -325,8 +329,12 @@ class Trainer:
         # Runtime choices (docs/contracts.md): one autograd node for all BONN layers' kernels and
         # kernel loss (trainables.fused), and the whole step captured as a CUDA graph.
         on_cuda = device.type == "cuda"
-        self.fused = self.bonn and not cfg.compile and (on_cuda if cfg.fused_bonn == "auto"
-                                                         else bool(cfg.fused_bonn))
+        fb = cfg.fused_bonn if cfg.fused_bonn != "auto" else (FUSED_BONN_AUTO_CUDA if on_cuda else False)
+        self.fused = self.bonn and not cfg.compile and bool(fb)
+        self.compile_math = self.fused and fb == "compiled"
+        from .binarize import use_compiled_sign
+
+        use_compiled_sign(self.compile_math)  # process-wide: the last Trainer built decides
         want_graph = on_cuda if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph)
         self.use_graph = want_graph and on_cuda and not self.dist.active
         self._base_lr0 = float(self.optimizer.param_groups[0]["lr"])
@@ -438,7 +446,8 @@ class Trainer:
 
                 kernels, kl = bonn_kernels_and_loss(self.layers, self.cfg.lam if self.kernel_on else 0.0,
                                                     self.cfg.nu,
-                                                    torch.bfloat16 if self.amp else self.layers[0].weight.dtype)
+                                                    torch.bfloat16 if self.amp else self.layers[0].weight.dtype,
+                                                    compile_math=self.compile_math)
                 with precomputed_kernels(self.layers, kernels):
                     feats, logits = self.fmodel(x)
             else:

@@ -60,6 +60,17 @@ def test_captured_steps_match_eager_steps_with_a_changing_lr():
             assert a[k] == pytest.approx(b[k], rel=2e-3, abs=1e-6), k
 
 
+def test_compiled_math_in_a_captured_step_matches_eager_math():
+    from trainables.compiled import SafeCompiled
+
+    tr_c, p_c, _, s_c = _run(graph=True, fused="compiled")
+    assert tr_c.compile_math and tr_c._graphs and tr_c.graph_failed is None
+    assert SafeCompiled.failed is None, SafeCompiled.failed
+    _, p_e, _, s_e = _run(graph=False, fused=True)
+    _close(p_c, p_e, 2e-3)
+    assert s_c[-1]["train_loss"] == pytest.approx(s_e[-1]["train_loss"], rel=2e-3)
+
+
 def test_fused_path_matches_reference_on_cuda():
     _, p_f, _, s_f = _run(graph=False, fused=True, steps=4)
     _, p_r, _, s_r = _run(graph=False, fused=False, steps=4)

@@ -9,6 +9,7 @@ gradients of the fused binarizer against BonnWeightBinarize in float64.
 from __future__ import annotations
 
 import contextlib
+import shutil
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def _step_grads(cfg_over: dict, fused: bool, channels_last: bool, amp: bool, see
     tr = Trainer(cfg, model, 10, torch.device("cpu"), steps_per_epoch=4, amp=amp,
                  channels_last=channels_last, log=None)
     tr.set_epoch(0)
-    assert tr.fused is fused
+    assert tr.fused is bool(fused) and tr.compile_math is (fused == "compiled")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, 16, 16, generator=g)
     y = torch.randint(0, 10, (8,), generator=g)
@@ -69,10 +70,15 @@ def _w_shape(w_shape: str):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("w_shape", ["kxk", "cin_kxk"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
-def test_one_step_gradients_of_every_parameter_match_reference(channels_last, w_shape, amp):
+@pytest.mark.parametrize("fused", [True, "compiled"], ids=["fused", "compiled"])
+def test_one_step_gradients_of_every_parameter_match_reference(channels_last, w_shape, amp, fused):
+    if fused == "compiled" and (w_shape, channels_last) != ("kxk", True):
+        pytest.skip("compiled math: one layout is enough on CPU (each compile takes seconds)")
+    if fused == "compiled" and not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
     with _w_shape(w_shape):
         ref_g, ref_p, ref_m = _step_grads({}, False, channels_last, amp)
-        fus_g, fus_p, fus_m = _step_grads({}, True, channels_last, amp)
+        fus_g, fus_p, fus_m = _step_grads({}, fused, channels_last, amp)
     assert ref_g.keys() == fus_g.keys()
     ws = [g for n, g in ref_g.items() if n.endswith(".w")]
     assert len(ws) == 18, "WRN-22 has 18 binary convs"
@@ -88,6 +94,10 @@ def test_one_step_gradients_of_every_parameter_match_reference(channels_last, w_
     for k in ("train_loss", "kernel_loss", "feature_loss", "ce_loss"):
         assert fus_m[k] == pytest.approx(ref_m[k], rel=1e-4 if not amp else 1e-3), k
     assert ref_m["kernel_loss"] > 0 and ref_m["feature_loss"] > 0
+    if fused == "compiled":
+        from trainables.compiled import SafeCompiled
+
+        assert SafeCompiled.failed is None, "the compiled math fell back to eager"
 
 
 def _layers(dtype=torch.float64, channels_last=False, w_shape="kxk", seed=0):
