@@ -14,20 +14,8 @@
 #   4. CIFAR ResNet-18 at batch 512, CUDA graph and compiled.
 # (The first run of this script, at commit 092d05a, also timed WRN-22-64 and ResNet-18 at batch 128
 # and 512 and WRN-22-16 at 512: see benchmarks/RESULTS.md.)
-set -uo pipefail
-OUT="${OUT:-benchmarks/out/gpu9}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY="${PY:-python3}"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  echo "commit ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-  $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; date -u; } | tee "$OUT/card.txt"
-
-[ -f /tmp/cifar10.npz ] || timeout 120 $PY scripts/pack_jpeg_bytes.py unpack .data/cifar10-jpeg.jpgpack.npz \
-    /tmp/cifar10.npz --workers 16 2>&1 | tail -2
-
-echo "== 1. CUDA tests"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/unit/test_cuda_graph.py tests/unit/test_fused.py 2>&1 \
-    | tee "$OUT/tests.log" | tail -15
+OUT_DEFAULT=benchmarks/out/gpu9
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 
 echo "== 2. WRN-22-16 batch 128"
 timeout 300 $PY benchmarks/bench_train.py --device cuda --model wrn22 --width 16 --batch-size 128 \

@@ -2,19 +2,8 @@
 # Issue 9, second device script (~4 minutes): the graph-mode step with the fused path's math and the
 # activation sign torch.compile'd (fused_bonn=compiled) next to the eager-math fused path, same run.
 # Carry .data (see gpu_issue9.sh) and run:  COMMIT=<sha> bash benchmarks/gpu_issue9_graph.sh
-set -uo pipefail
-OUT="${OUT:-benchmarks/out/gpu9g}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY="${PY:-python3}"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  echo "commit ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-  $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; date -u; } | tee "$OUT/card.txt"
-[ -f /tmp/cifar10.npz ] || timeout 120 $PY scripts/pack_jpeg_bytes.py unpack .data/cifar10-jpeg.jpgpack.npz \
-    /tmp/cifar10.npz --workers 16 2>&1 | tail -1
-
-echo "== 1. CUDA tests"
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_cuda_graph.py tests/unit/test_fused.py 2>&1 \
-    | tee "$OUT/tests.log" | tail -6
+OUT_DEFAULT=benchmarks/out/gpu9g
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 
 echo "== 2. WRN-22-16 batch 128, graph mode"
 timeout 150 $PY benchmarks/bench_train.py --device cuda --model wrn22 --width 16 --batch-size 128 \
