@@ -24,7 +24,9 @@ What it does (design.md "Data flow" 2-4):
 
 Exit codes: 0 succeeded; 1 failed (more than ``max_failed_trials`` trials errored, no trial completed,
 an exception, model registration failed); 2 bad payload; 130 cancelled (SIGINT -- ``ray job stop``
-with ``RAY_JOB_STOP_SIGNAL=SIGINT``: Tune saves its state first, so the study can be resumed).
+with ``RAY_JOB_STOP_SIGNAL=SIGINT``: Tune saves its state first, so the study can be resumed). Any
+other end (SIGKILL, the OOM killer, a lost node) is no decision of the driver: the API reports the
+study ``INTERRUPTED`` (``service.jobs.JobInfo.study_status``), and a resume continues it.
 
 Semantics worth knowing:
 
@@ -34,6 +36,18 @@ Semantics worth knowing:
   each) in one run of the driver, no new trials start; running ones finish; the study fails. A resume
   starts counting afresh (and re-runs the errored trials from their checkpoints).
 * ASHA's rung statistics are not part of Tune's saved state: a restored study starts its rungs empty.
+* After a driver was killed, the restored Tune state is the last one Tune saved (every ~10 s, and when
+  trials checkpoint): trials started after it are lost (Optuna FAIL and MLflow KILLED, both with
+  ``stop_reason=cancelled``) and replaced; trials that finished after it are kept and not replaced
+  (``optuna_bridge``); a trial the state still shows running continues from its last checkpoint there
+  -- if it had in fact finished, that last stretch is trained again and its results are dropped
+  (Optuna and MLflow keep the first ones).
+* A trial that errors (after its retries) gets the Optuna user attr ``error`` (one line, e.g.
+  ``TrainingDiverged: non-finite training loss in epoch 1: ...``) and the MLflow tags ``error_reason``
+  and ``error``. A diverging configuration is retried like any error (deterministically diverging again).
+* MLflow down: the MLflow callback queues everything and sends it when the server is back
+  (``service.tracking``); the sweep does not wait for it, except at its end (up to 120 s; 15 s on a
+  cancel).
 """
 
 from __future__ import annotations
@@ -60,6 +74,7 @@ PAYLOAD_ENV = "BONN_SWEEP_JOB"
 DEFAULT_EPOCHS = 10
 TRIAL_MAX_FAILURES = 2  # retries per trial (Tune FailureConfig.max_failures)
 CHECKPOINTS_TO_KEEP = 2
+CANCEL_MLFLOW_WAIT_S = 15.0  # on a cancel, how long the MLflow callback waits for an unreachable server
 NODE_ID_CHARS = 12  # node ids in the job log (enough to tell nodes apart)
 
 
@@ -233,11 +248,22 @@ class StudyMonitor(Callback):
         self.trial_first_result: dict[str, float] = {}
         self.ended: dict[str, str] = {}
         self.started: list[str] = []
+        self._trials: list = []  # Tune's list of the experiment's trials (this process only)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["generator"] = state["searcher"] = None
+        state["_trials"] = []
         return state
+
+    def error_reason(self, trial_id: str) -> str | None:
+        """Why trial ``trial_id`` errored, one line (from Tune's error file of the trial)."""
+        from service.tracking import trial_error_reason
+
+        for t in self._trials:
+            if t.trial_id == trial_id:
+                return trial_error_reason(t) or None
+        return None
 
     def setup(self, **info):
         self._t0 = time.monotonic()
@@ -261,6 +287,7 @@ class StudyMonitor(Callback):
         return f"{trial}" + (f" (optuna #{num})" if num is not None else "")
 
     def on_step_begin(self, iteration: int, trials: list, **info):
+        self._trials = trials
         b = self.plan.time_budget_s
         if b and not self.budget_hit and self.elapsed() > b:
             self.budget_hit = True
@@ -320,7 +347,10 @@ class StudyMonitor(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
         self._ended(trial, "error")
         self.failed += 1
-        echo(f"trial {self._name(trial)} ERROR (after {TRIAL_MAX_FAILURES} retries){self._times(trial)}; "
+        from service.tracking import trial_error_reason
+
+        echo(f"trial {self._name(trial)} ERROR (after {TRIAL_MAX_FAILURES} retries){self._times(trial)}: "
+             f"{trial_error_reason(trial) or '?'}; "
              f"{self.failed} failed trial(s), limit {self.plan.max_failed_trials}")
         if self.failed > self.plan.max_failed_trials and not self.failure_limit_hit:
             self.failure_limit_hit = True
@@ -360,6 +390,7 @@ class StudyDriver:
         self.cancel_requested = False
         self.t_start = time.monotonic()
         self._client = None
+        self.tracker = None  # the MLflow callback, once built
 
     # -- MLflow parent run -------------------------------------------------------------------------
     @property
@@ -407,6 +438,8 @@ class StudyDriver:
             raise KeyboardInterrupt  # a second signal: give up at once
         self.cancel_requested = True
         echo(f"cancel requested ({signal.Signals(signum).name}): stopping trials and saving the Tune state")
+        if self.tracker is not None:  # an unreachable MLflow must not outlast RAY_JOB_STOP_WAIT_TIME_S
+            self.tracker.final_wait_s = min(self.tracker.final_wait_s, CANCEL_MLFLOW_WAIT_S)
         # Tune's own SIGINT handler is disabled (TUNE_DISABLE_SIGINT_HANDLER=1) so that we know about
         # the cancel; inside Tuner.fit() Tune listens on SIGUSR1, which ends the run the same way.
         if callable(signal.getsignal(signal.SIGUSR1)):
@@ -530,8 +563,12 @@ class StudyDriver:
             upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD", "all"),
             optuna_link=searcher,
             echo=echo,
+            # checkpoints wait here while MLflow is unreachable (a restored sweep finds them again)
+            spool_dir=None if "://" in exp_path else str(Path(exp_path) / "mlflow-spool"),
         )
+        self.tracker = tracker
         monitor = StudyMonitor(plan, generator=generator, searcher=searcher)
+        searcher.error_reason = monitor.error_reason  # the Optuna trial's `error` attr
         callbacks = [tracker, monitor]  # order matters: callback states are restored by position
 
         tune_config = tune.TuneConfig(

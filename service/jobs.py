@@ -27,6 +27,11 @@ RAY_TO_STUDY = {
     "STOPPED": "CANCELLED",
 }
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+#: exit codes of ``python -m service.driver`` when it ends a study itself (service/driver.py EXIT_*:
+#: succeeded, failed, bad payload, cancelled). Any other end of a FAILED job means the driver was cut off.
+DRIVER_EXIT_CODES = frozenset({0, 1, 2, 130})
+#: job errors of a driver that was running and was lost with its Ray worker / node
+LOST_DRIVER_ERRORS = frozenset({"JOB_SUPERVISOR_ACTOR_DIED"})
 
 
 class RayUnavailable(RuntimeError):
@@ -50,10 +55,45 @@ class JobInfo:
     end_time: int | None = None
     metadata: dict[str, str] | None = None
     driver_exit_code: int | None = None
+    error_type: str | None = None
 
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def driver_interrupted(self) -> bool:
+        """A FAILED job whose driver did not end the study itself: killed by a signal (SIGKILL, the OOM
+        killer: a negative exit code, or 128+N through a shell) or lost with the node it ran on. The
+        study did not fail; its Tune state and Optuna study hold everything up to the last save."""
+        if self.status != "FAILED":
+            return False
+        if self.error_type in LOST_DRIVER_ERRORS:
+            return True
+        return self.driver_exit_code is not None and self.driver_exit_code not in DRIVER_EXIT_CODES
+
+    @property
+    def study_status(self) -> str | None:
+        """The study status this job status means: :data:`RAY_TO_STUDY`, but ``INTERRUPTED`` for a job
+        whose driver was cut off (:attr:`driver_interrupted`); None for a Ray status we do not know."""
+        if self.driver_interrupted:
+            return "INTERRUPTED"
+        return RAY_TO_STUDY.get(self.status)
+
+    def interruption_text(self, study_id: str) -> str:
+        """The study's ``error`` for an interrupted job: what happened and what to do."""
+        code = self.driver_exit_code
+        if code is not None and code < 0:
+            how = f"killed by signal {_signal_name(-code)}"
+        elif code is not None and code > 128:
+            how = f"killed by signal {_signal_name(code - 128)} (exit code {code})"
+        elif code is not None:
+            how = f"exited with code {code}"
+        else:
+            how = f"lost ({self.error_type or 'job supervisor gone'})"
+        return (f"interrupted: the study driver of Ray job {self.submission_id} was {how} before it could end "
+                f"the study; POST /studies/{study_id}/resume continues it from the last saved Tune state and "
+                "the Optuna study")
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> JobInfo:
@@ -65,6 +105,7 @@ class JobInfo:
             end_time=d.get("end_time"),
             metadata=d.get("metadata"),
             driver_exit_code=d.get("driver_exit_code"),
+            error_type=d.get("error_type"),
         )
 
 
@@ -153,6 +194,15 @@ class RayJobsClient:
         if r.status_code != 200:
             raise RayJobError(f"list jobs -> {r.status_code}", r.status_code)
         return [JobInfo.from_json(d) for d in r.json()]
+
+
+def _signal_name(num: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)
 
 
 def _short(text: str, n: int = 500) -> str:

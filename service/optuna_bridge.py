@@ -7,7 +7,9 @@ Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
       stopped it) is told to Optuna as ``PRUNED`` -- its last value becomes its last intermediate
       value, which is what Optuna's samplers read for pruned trials -- instead of ``COMPLETE`` with a
       partial value (upstream behaviour, which misleads TPE/GP);
-    * an errored trial is ``FAIL``; a trial that ends with no (finite) value is ``FAIL``;
+    * an errored trial is ``FAIL``, with user attr ``error`` = one line saying why (from
+      ``error_reason(tune_trial_id)``, which the driver wires to Tune's error file of the trial);
+      a trial that ends with no (finite) value is ``FAIL``;
     * it writes the per-trial user attributes the API reads (``tune_trial_id``, ``stop_reason``,
       ``epochs_done``, ``last_value``; the MLflow callback adds the rest through
       :meth:`StudyOptunaSearch.set_trial_attrs`) -- always *before* ``tell``, because Optuna refuses
@@ -16,7 +18,9 @@ Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
       them twice;
     * on restore (``Tuner.restore``) it rebinds to the *current* storage object, keeps the restored
       sampler (its RNG state), and marks Optuna trials that are still ``RUNNING`` but that no Tune
-      trial will continue as ``FAIL`` (orphans of a crash);
+      trial will continue as ``FAIL`` (orphans of a crash); trials that *finished* after the last saved
+      Tune state (a driver killed with SIGKILL saves nothing at the end) are counted
+      (``finished_unknown``), so that the search generator does not start them again;
     * a trial that errored, was told ``FAIL`` and is then resumed (``resume_errored=True``) and
       finishes gets a *new* Optuna trial with the same parameters (``retry_of`` = the failed one):
       Optuna cannot reopen a finished trial.
@@ -30,6 +34,7 @@ Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
     restores ``total_samples`` from its saved state (``Tuner.restore`` has no ``num_samples``), so a
     resume that extends a study's ``num_trials`` would otherwise be ignored. A restored generator
     that had been ``set_finished()`` (failure limit, time budget) is reopened when trials remain.
+    Its count of created trials includes those that finished after the saved state (see above).
 """
 
 from __future__ import annotations
@@ -159,7 +164,7 @@ class StudyOptunaSearch(OptunaSearch):
     """``OptunaSearch`` with PRUNED for early-stopped trials, user attrs and restore hygiene."""
 
     #: attributes that stay those of the live object on restore (not the pickled ones)
-    _LIVE_ATTRS = ("_space", "_storage", "_study_name", "_default_epochs", "_max_t", "_echo")
+    _LIVE_ATTRS = ("_space", "_storage", "_study_name", "_default_epochs", "_max_t", "_echo", "error_reason")
 
     def __init__(
         self,
@@ -180,6 +185,9 @@ class StudyOptunaSearch(OptunaSearch):
         self._target: dict[str, int] = {}  # tune trial id -> epochs that make it complete
         self._retries: dict[str, int] = {}  # tune trial id -> number of the FAIL trial it re-ran
         self._echo = echo
+        #: tune trial id -> why it errored (one line), set by the driver; None: no ``error`` attr
+        self.error_reason: Callable[[str], str | None] | None = None
+        self.finished_unknown = 0  # set by restore()
         # warm starts are enqueued here (skip_if_exists), not by the base class
         super().__init__(
             space=space, metric=metric, mode=mode, sampler=sampler, storage=storage, study_name=study_name
@@ -254,6 +262,14 @@ class StudyOptunaSearch(OptunaSearch):
         attrs: dict[str, Any] = {"stop_reason": reason, "epochs_done": epochs}
         if value is not None:
             attrs["last_value"] = value
+        if error and self.error_reason is not None:
+            try:
+                why = self.error_reason(trial_id)
+            except Exception as exc:  # noqa: BLE001 - an unreadable error file must not stop the tell
+                why = None
+                logger.debug("no error reason for %s: %s", trial_id, exc)
+            if why:
+                attrs["error"] = why
         self.set_trial_attrs(trial_id, attrs)
         self._tell(ot_trial, state, value, _step(result, epochs))
         self._completed_trials.add(trial_id)
@@ -341,6 +357,7 @@ class StudyOptunaSearch(OptunaSearch):
     def save(self, checkpoint_path: str) -> None:
         state = self.__dict__.copy()
         state.pop("_echo", None)  # a print function of this process
+        state.pop("error_reason", None)  # a lookup into this process's Tune trials
         import pickle
 
         with open(checkpoint_path, "wb") as f:
@@ -353,6 +370,7 @@ class StudyOptunaSearch(OptunaSearch):
         self.__dict__.update(live)
         self.__dict__.setdefault("_target", {})
         self.__dict__.setdefault("_retries", {})
+        self.__dict__.setdefault("error_reason", None)
         # the pickled study/storage point at the URL of the run that saved them; use the live storage
         self._ot_study = optuna.load_study(
             study_name=self._study_name,
@@ -366,14 +384,37 @@ class StudyOptunaSearch(OptunaSearch):
                 self._ot_trials[tid] = optuna.Trial(self._ot_study, t._trial_id)
             except Exception as exc:  # noqa: BLE001 - a trial deleted from the storage
                 logger.warning("restored trial %s has no Optuna trial %s: %s", tid, t._trial_id, exc)
+        self.finished_unknown = self._count_finished_unknown()
         n = self.fail_orphans()
         msg = (
             f"searcher restored: {len(self._ot_trials)} Optuna trials known, "
             f"{len(self._completed_trials)} finished, {n} orphaned RUNNING trial(s) marked FAIL"
+            + (f", {self.finished_unknown} finished after the saved state" if self.finished_unknown else "")
         )
         logger.info(msg)
         if self._echo:
             self._echo(msg)
+
+    def _count_finished_unknown(self) -> int:
+        """Optuna trials of this study that no restored Tune trial maps to but that finished: started
+        and ended after the last saved Tune state (the driver was then killed). Excluded: orphans
+        failed on an earlier restore (``stop_reason=cancelled``) and re-runs (``retry_of``)."""
+        known = {t._trial_id for t in self._ot_trials.values()}
+        n = 0
+        for ft in self._ot_study.get_trials(deepcopy=False):
+            if ft._trial_id in known or "retry_of" in ft.user_attrs:
+                continue
+            if ft.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+                ft.state == TrialState.FAIL and ft.user_attrs.get("stop_reason") != STOP_CANCELLED
+            ):
+                n += 1
+        return n
+
+    @property
+    def trials_accounted(self) -> int:
+        """Trials of this study a search generator has created: those Tune knows plus those that
+        finished after the saved state (after a restore)."""
+        return len(self._ot_trials) + self.finished_unknown
 
     def fail_orphans(self) -> int:
         """Mark RUNNING Optuna trials that no unfinished Tune trial maps to as FAIL."""
@@ -422,7 +463,12 @@ class StudySearchGenerator(SearchGenerator):
         self._total_samples = self.num_trials  # Tuner.restore() builds its Experiment with num_samples=1
 
     def set_state(self, state: dict) -> None:
-        super().set_state(state)
+        super().set_state(state)  # (SearchGenerator.restore_from_dir restores the base searcher first)
+        accounted = getattr(self.base_searcher, "trials_accounted", 0)
+        if accounted > self._counter:
+            logger.info("created trials %s -> %s on restore (trials that finished after the saved state)",
+                        self._counter, accounted)
+            self._counter = accounted
         restored_total = self._total_samples
         self._total_samples = self.num_trials
         if self._finished and self._counter < self._total_samples:

@@ -20,16 +20,27 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
 class StudyStatus(enum.StrEnum):
+    """``PENDING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED | INTERRUPTED`` (``STOPPING`` between a
+    cancel and the job's end). ``INTERRUPTED``: the study driver died without ending the study itself
+    (killed by a signal or the OOM killer, its node lost, the cluster restarted); it did not fail, and
+    ``resume`` continues it from the last saved Tune state and the Optuna study."""
+
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     STOPPING = "STOPPING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    INTERRUPTED = "INTERRUPTED"
 
     @property
     def is_terminal(self) -> bool:
-        return self in (StudyStatus.SUCCEEDED, StudyStatus.FAILED, StudyStatus.CANCELLED)
+        return self in (StudyStatus.SUCCEEDED, StudyStatus.FAILED, StudyStatus.CANCELLED, StudyStatus.INTERRUPTED)
+
+    @property
+    def is_resumable(self) -> bool:
+        """``POST /studies/{id}/resume`` takes the study back to RUNNING from this status."""
+        return self in (StudyStatus.FAILED, StudyStatus.CANCELLED, StudyStatus.INTERRUPTED)
 
     @property
     def is_active(self) -> bool:
@@ -104,6 +115,36 @@ def _apply(row: Study, fields: dict[str, Any]) -> None:
     row.updated_at = utcnow()
 
 
+class ApiKey(Base):
+    """An API key: only its sha256 is stored (service/auth.py)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # the key's public id (bsk_<id>_...)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+@event.listens_for(ApiKey, "load")
+def _fix_key_tz(target: ApiKey, _context: Any) -> None:
+    target.created_at = _aware(target.created_at)
+    target.revoked_at = _aware(target.revoked_at)
+
+
+ACTIVE_STATUSES = tuple(st.value for st in StudyStatus if st.is_active)
+
+
+class ActiveLimitReached(Exception):
+    """Creating / resuming a study would make more than ``limit`` studies active."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(f"{active} studies are active (limit {limit})")
+        self.active = active
+        self.limit = limit
+
+
 class StudyNotFound(LookupError):
     def __init__(self, study_id: str) -> None:
         super().__init__(f"no study with id {study_id!r}")
@@ -167,8 +208,47 @@ class StudyStore:
 
     def active(self) -> list[Study]:
         with self._sessions() as s:
-            q = select(Study).where(Study.status.in_([st.value for st in StudyStatus if st.is_active]))
+            q = select(Study).where(Study.status.in_(ACTIVE_STATUSES))
             return list(s.scalars(q).all())
+
+    def count_active(self) -> int:
+        with self._sessions() as s:
+            return int(s.scalar(select(func.count()).select_from(Study).where(Study.status.in_(ACTIVE_STATUSES))) or 0)
+
+    @staticmethod
+    def _check_active(s: Any, max_active: int | None) -> None:
+        if max_active is None:
+            return
+        n = int(s.scalar(select(func.count()).select_from(Study).where(Study.status.in_(ACTIVE_STATUSES))) or 0)
+        if n >= max_active:
+            raise ActiveLimitReached(n, max_active)
+
+    # -- API keys (hashes only) ---------------------------------------------------------------------
+    def add_api_key(self, key_id: str, sha256: str, name: str = "") -> ApiKey:
+        row = ApiKey(id=key_id, name=name, sha256=sha256, created_at=utcnow())
+        with self._sessions() as s:
+            s.add(row)
+            s.commit()
+            return row
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        with self._sessions() as s:
+            return s.get(ApiKey, key_id)
+
+    def list_api_keys(self, *, include_revoked: bool = True) -> list[ApiKey]:
+        with self._sessions() as s:
+            q = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+            if not include_revoked:
+                q = q.where(ApiKey.revoked_at.is_(None))
+            return list(s.scalars(q).all())
+
+    def revoke_api_key(self, key_id: str) -> ApiKey | None:
+        with self._sessions() as s:
+            row = s.get(ApiKey, key_id)
+            if row is not None and row.revoked_at is None:
+                row.revoked_at = utcnow()
+                s.commit()
+            return row
 
     # -- writes -----------------------------------------------------------------------------------
     def create(
@@ -180,9 +260,12 @@ class StudyStore:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         study_id: str | None = None,
+        max_active: int | None = None,
     ) -> tuple[Study, bool]:
         """Insert a PENDING study; returns ``(row, created)``. With an idempotency key already used:
-        ``(existing row, False)`` if the request hash matches, :class:`IdempotencyConflict` otherwise."""
+        ``(existing row, False)`` if the request hash matches, :class:`IdempotencyConflict` otherwise.
+        With ``max_active``: :class:`ActiveLimitReached` if that many studies are already active (count
+        and insert under one lock: the API is one process; see README "Security")."""
         row = Study(
             id=study_id or new_study_id(),
             name=name,
@@ -194,7 +277,14 @@ class StudyStore:
             created_at=utcnow(),
             updated_at=utcnow(),
         )
-        with self._sessions() as s:
+        with self._lock, self._sessions() as s:
+            if idempotency_key is not None:
+                existing = s.scalars(select(Study).where(Study.idempotency_key == idempotency_key)).first()
+                if existing is not None:
+                    if existing.request_hash != request_hash:
+                        raise IdempotencyConflict(idempotency_key)
+                    return existing, False
+            self._check_active(s, max_active)
             s.add(row)
             try:
                 s.commit()
@@ -202,7 +292,7 @@ class StudyStore:
                 s.rollback()
                 if idempotency_key is None:
                     raise
-                existing = self.get_by_idempotency_key(idempotency_key)
+                existing = s.scalars(select(Study).where(Study.idempotency_key == idempotency_key)).first()
                 if existing is None:
                     raise
                 if existing.request_hash != request_hash:
@@ -220,11 +310,18 @@ class StudyStore:
             return row
 
     def transition(
-        self, study_id: str, expect: set[StudyStatus], *, expect_submission: str | None | bool = False, **fields: Any
+        self,
+        study_id: str,
+        expect: set[StudyStatus],
+        *,
+        expect_submission: str | None | bool = False,
+        max_active: int | None = None,
+        **fields: Any,
     ) -> Study | None:
         """Update only if the current status is in ``expect`` and, when ``expect_submission`` is given
         (a str or None), the row still points at that submission (compare-and-set, one transaction).
-        Returns None when the row did not match."""
+        Returns None when the row did not match. With ``max_active`` (a transition that makes the
+        study active): :class:`ActiveLimitReached` if that many studies are active already."""
         with self._lock, self._sessions() as s:
             row = s.get(Study, study_id, with_for_update=True)
             if row is None:
@@ -233,6 +330,7 @@ class StudyStore:
                 return None
             if expect_submission is not False and row.submission_id != expect_submission:
                 return None
+            self._check_active(s, max_active)
             _apply(row, fields)
             s.commit()
             return row

@@ -24,8 +24,21 @@ before creating a run the callback searches the experiment for a run tagged with
 ``tune_trial_id`` and ``study_id``. A reopened run skips epochs it already has (a crash can make a
 restored trial repeat epochs after its last saved experiment state).
 
-MLflow hiccups never crash the sweep: every call is retried with backoff, then logged and skipped;
-metrics that could not be sent are kept and sent with the next batch.
+MLflow outages never crash the sweep, hold it up only for the first call that fails (MLflow's own
+HTTP retries), and lose nothing: when the server cannot be reached
+the callback goes *offline* -- runs to create, params, per-epoch metrics, tags, run ends and
+checkpoints (spooled to ``spool_dir``, since Tune deletes old checkpoints) queue up per trial, in
+order, and are sent once a cheap ``/health`` probe (exponential backoff up to ``max_down_backoff_s``)
+finds the server back: at the next Tune step or trial event, and at the end of the sweep (waiting up
+to ``final_wait_s``). The queue is part of the saved state. A request the server refuses for good
+(or after ``retries`` attempts with backoff) is logged and skipped. A trial that starts and ends
+entirely within an outage gets its run afterwards, but its (finished) Optuna trial cannot take the
+``mlflow_run_id`` attribute any more: the run is found by its ``tune_trial_id`` tag.
+
+Errors: an errored trial's run gets tags ``error`` (the end of Tune's error text, all attempts) and
+``error_reason`` (one line, e.g. ``TrainingDiverged: non-finite training loss in epoch 1: ...``).
+Runs left ``RUNNING`` by a killed driver whose trials the restored sweep does not know (started after
+the last saved Tune state) are ended ``KILLED`` with ``stop_reason=cancelled`` at the first step.
 """
 
 from __future__ import annotations
@@ -88,6 +101,8 @@ NON_METRIC_KEYS = frozenset(
 CHECKPOINT_FILES = ("checkpoint.pt",)
 PLOT_GLOB = "*.png"
 UPLOAD_POLICIES = ("all", "improved", "none")
+MAX_OP_TRIES = 5  # a queued run update that fails this often against a server that answers is dropped
+DRAIN_INTERVAL_S = 1.0  # at most this often, a Tune step sends what other trials' events left queued
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
 
@@ -171,8 +186,14 @@ class MLflowStudyCallback(Callback):
             best, the final epoch, and epochs with a plot), ``none``.
         optuna_link: object with ``set_trial_attrs(tune_trial_id, dict)`` and
             ``trial_number(tune_trial_id)`` (:class:`service.optuna_bridge.StudyOptunaSearch`).
-        retries, backoff_s: per MLflow call.
+        retries, backoff_s: per MLflow call that fails while the server answers (5xx, 429, ...).
         echo: a function for one-line progress messages (default: the module logger).
+        spool_dir: where checkpoint files wait for an upload while MLflow is unreachable (default:
+            a temporary folder). The study driver uses a folder of the Tune experiment, so that a
+            restored sweep still finds them.
+        final_wait_s: at the end of the sweep, how long to wait for an unreachable MLflow to come
+            back and take what is still queued.
+        max_down_backoff_s: longest pause between two probes of an unreachable MLflow server.
     """
 
     def __init__(
@@ -190,6 +211,9 @@ class MLflowStudyCallback(Callback):
         retries: int = 3,
         backoff_s: float = 0.5,
         echo: Callable[[str], None] | None = None,
+        spool_dir: str | None = None,
+        final_wait_s: float = 120.0,
+        max_down_backoff_s: float = 10.0,
     ):
         if upload not in UPLOAD_POLICIES:
             raise ValueError(f"upload must be one of {UPLOAD_POLICIES}, got {upload!r}")
@@ -206,10 +230,20 @@ class MLflowStudyCallback(Callback):
         self.retries = max(1, int(retries))
         self.backoff_s = backoff_s
         self.echo = echo
+        self.spool_dir = spool_dir
+        self.final_wait_s = float(final_wait_s)
+        self.max_down_backoff_s = float(max_down_backoff_s)
         self._client = None
         # -- state saved with Tune's experiment state --
         self._trials: dict[str, dict[str, Any]] = {}
         self._study: dict[str, Any] = {"finished": 0, "best_value": None, "best_trial": None}
+        self._parent_ops: list[dict[str, Any]] = []  # best_so_far metrics not sent yet
+        # -- this process only --
+        self._down_until: float | None = None  # MLflow unreachable: no calls before this (monotonic)
+        self._down_backoff = backoff_s
+        self._down_since: float | None = None
+        self._next_drain = 0.0
+        self._orphans_checked = False
         self.failed_calls = 0
         self.timings: dict[str, tuple[int, float]] = {}  # hook -> (calls, seconds)
 
@@ -221,6 +255,17 @@ class MLflowStudyCallback(Callback):
         state["echo"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_parent_ops", [])
+        self.__dict__.setdefault("spool_dir", None)
+        self.__dict__.setdefault("final_wait_s", 120.0)
+        self.__dict__.setdefault("max_down_backoff_s", 10.0)
+        self._down_until = self._down_since = None
+        self._down_backoff = self.backoff_s
+        self._next_drain = 0.0
+        self._orphans_checked = False
+
     @property
     def client(self):
         if self._client is None:
@@ -231,11 +276,20 @@ class MLflowStudyCallback(Callback):
 
     # -- MLflow calls that never raise -----------------------------------------------------------------
     def _call(self, what: str, fn: Callable, *args, **kwargs) -> tuple[bool, Any]:
+        """``(True, result)`` or ``(False, None)``. A server that cannot be reached makes the callback
+        *offline* (:meth:`online`): no call is tried until a probe finds it back, and what could not
+        be sent stays queued. Other errors are retried with backoff, then logged and skipped."""
+        if not self.online():
+            return False, None
         delay = self.backoff_s
         for attempt in range(1, self.retries + 1):
             try:
                 return True, fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - server hiccup, timeout, 5xx
+            except Exception as exc:  # noqa: BLE001 - server down, hiccup, timeout, 5xx
+                if _unreachable(exc):
+                    self.failed_calls += 1
+                    self._go_offline(what, exc)
+                    return False, None
                 if attempt == self.retries or _permanent(exc):
                     self.failed_calls += 1
                     logger.warning("MLflow %s failed after %d attempt(s): %s: %s", what, attempt,
@@ -244,6 +298,32 @@ class MLflowStudyCallback(Callback):
                 time.sleep(delay)
                 delay *= 2
         return False, None  # pragma: no cover
+
+    def _go_offline(self, what: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self._down_backoff = self.backoff_s
+            self._say(f"MLflow at {self.tracking_uri} unreachable ({what}: {type(exc).__name__}); "
+                      "queueing runs, metrics, tags and checkpoints until it is back")
+        else:
+            self._down_backoff = min(self._down_backoff * 2, self.max_down_backoff_s)
+        self._down_until = now + self._down_backoff
+
+    def online(self) -> bool:
+        """False while MLflow is unreachable; once the backoff has passed, a cheap probe decides."""
+        if self._down_until is None:
+            return True
+        if time.monotonic() < self._down_until:
+            return False
+        if not _reachable(self.tracking_uri):
+            self._down_backoff = min(self._down_backoff * 2, self.max_down_backoff_s)
+            self._down_until = time.monotonic() + self._down_backoff
+            return False
+        down_s = time.monotonic() - (self._down_since or time.monotonic())
+        self._down_until = self._down_since = None
+        self._say(f"MLflow reachable again after {down_s:.0f}s: sending {self.backlog()} queued item(s)")
+        return True
 
     def _say(self, msg: str) -> None:
         if self.echo:
@@ -269,6 +349,7 @@ class MLflowStudyCallback(Callback):
                 "run_id": None,
                 "artifact_uri": None,
                 "name": str(trial),
+                "trial_id": trial.trial_id,
                 "target": target_epochs(config.get("epochs"), self.default_epochs, self.max_t),
                 "epochs_done": 0,
                 "last_value": None,
@@ -276,9 +357,10 @@ class MLflowStudyCallback(Callback):
                 "best_epoch": None,
                 "checkpoint_uri": None,
                 "uploaded": [],
-                "params_logged": False,
-                "logged_step": 0,  # highest epoch whose metrics MLflow has
+                "params": flatten_config(resolved_config(config)),  # not logged yet (None once logged)
+                "logged_step": 0,  # highest epoch queued or sent (MLflow's, after a reattach)
                 "pending": [],  # [(key, value, step, ts)] not sent yet
+                "ops": [],  # run updates not sent yet, in order (_apply_op)
                 "open": False,
                 "stop_reason": None,
                 "reattached": False,
@@ -294,100 +376,224 @@ class MLflowStudyCallback(Callback):
         rec = self._trials.get(trial_id)
         return copy.deepcopy(rec) if rec else None
 
-    def _find_existing_run(self, trial_id: str):
+    @staticmethod
+    def _owes(rec: dict[str, Any]) -> bool:
+        """Something of this trial has not reached MLflow yet."""
+        return rec["run_id"] is None or bool(rec.get("params") or rec["pending"] or rec.get("ops"))
+
+    def backlog(self) -> int:
+        """Items waiting for MLflow: unsent runs, metric values, run updates, parent metrics."""
+        n = len(self._parent_ops)
+        for rec in self._trials.values():
+            n += int(rec["run_id"] is None) + int(bool(rec.get("params")))
+            n += len(rec["pending"]) + len(rec.get("ops", []))
+        return n
+
+    def _find_existing_run(self, trial_id: str) -> tuple[bool, Any]:
         flt = f"tags.tune_trial_id = '{trial_id}' and tags.study_id = '{self.study_id}'"
         ok, runs = self._call(
             "search_runs", self.client.search_runs, experiment_ids=[self.experiment_id], filter_string=flt,
             max_results=5,
         )
         if ok and runs:
-            return sorted(runs, key=lambda r: r.info.start_time or 0)[0]
-        return None
+            return True, sorted(runs, key=lambda r: r.info.start_time or 0)[0]
+        return ok, None
 
-    def _ensure_run(self, trial) -> dict[str, Any]:
-        """The trial's run: the one in our state, else one tagged with its id, else a new one."""
-        rec = self._record(trial)
-        if rec["run_id"] is None:
-            existing = self._find_existing_run(trial.trial_id)
-            if existing is not None:
-                rec["run_id"] = existing.info.run_id
-                rec["artifact_uri"] = existing.info.artifact_uri
-                rec["reattached"] = True
-                rec["open"] = existing.info.status == "RUNNING"
-                self._say(f"trial {rec['name']}: reusing MLflow run {rec['run_id']} (found by tune_trial_id)")
-            else:
-                tags = {
-                    "study_id": self.study_id,
-                    "tune_trial_id": trial.trial_id,
-                    "mlflow.source.name": "bonn-sweep driver",
-                }
-                if self.parent_run_id:
-                    tags["mlflow.parentRunId"] = self.parent_run_id
-                number = self._link("trial_number", trial.trial_id)
-                if number is not None:
-                    tags["optuna_trial_number"] = str(number)
-                ok, run = self._call(
-                    "create_run", self.client.create_run, experiment_id=self.experiment_id, tags=tags,
-                    run_name=rec["name"],
-                )
-                if not ok:
-                    return rec  # retried on the next event
-                rec["run_id"] = run.info.run_id
-                rec["artifact_uri"] = run.info.artifact_uri
-                rec["open"] = True
-        if rec["reattached"]:
-            self._sync_logged_step(rec)
-        if not rec["params_logged"]:
-            self._log_params(trial, rec)
-        return rec
+    def _create_run(self, rec: dict[str, Any]) -> bool:
+        """The trial's run: one tagged with its id if MLflow has one, else a new one."""
+        ok, existing = self._find_existing_run(rec["trial_id"])
+        if not ok:
+            return False
+        if existing is not None:
+            rec["run_id"] = existing.info.run_id
+            rec["artifact_uri"] = existing.info.artifact_uri
+            rec["reattached"] = True
+            if rec["stop_reason"] is None and existing.info.status != "RUNNING":
+                rec["ops"].insert(0, {"op": "reopen"})
+            self._say(f"trial {rec['name']}: reusing MLflow run {rec['run_id']} (found by tune_trial_id)")
+        else:
+            tags = {
+                "study_id": self.study_id,
+                "tune_trial_id": rec["trial_id"],
+                "mlflow.source.name": "bonn-sweep driver",
+            }
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            number = self._link("trial_number", rec["trial_id"])
+            if number is not None:
+                tags["optuna_trial_number"] = str(number)
+            ok, run = self._call(
+                "create_run", self.client.create_run, experiment_id=self.experiment_id, tags=tags,
+                run_name=rec["name"],
+            )
+            if not ok:
+                return False
+            rec["run_id"] = run.info.run_id
+            rec["artifact_uri"] = run.info.artifact_uri
+        attrs = {"mlflow_run_id": rec["run_id"]}
+        if rec["checkpoint_uri"] is None and rec["best_epoch"] in rec["uploaded"]:
+            rec["checkpoint_uri"] = self._checkpoint_uri(rec, rec["best_epoch"])
+            attrs["checkpoint_uri"] = rec["checkpoint_uri"]
+        self._link("set_trial_attrs", rec["trial_id"], attrs)
+        return True
 
-    def _sync_logged_step(self, rec: dict[str, Any]) -> None:
-        """After a restore: which epochs does MLflow already have? (never log an epoch twice)"""
-        rec["reattached"] = False
+    def _sync(self, rec: dict[str, Any]) -> bool:
+        """Send what MLflow does not have of this trial yet, in order: the run, its params, metrics
+        (never an epoch MLflow already has), then queued run updates. False when MLflow is unreachable
+        (everything unsent stays queued); an item MLflow refuses for good is logged and dropped."""
+        if not self.online():
+            return False
+        if rec["run_id"] is None and not self._create_run(rec):
+            return False
+        if rec["reattached"] and not self._sync_logged_step(rec):
+            return False
+        if rec.get("params"):
+            if not self._log_params(rec) and not self.online():
+                return False
+            rec["params"] = None
+        if rec["pending"]:
+            if not self._flush(rec) and not self.online():
+                return False
+            rec["pending"] = []
+        ops = rec.setdefault("ops", [])
+        while ops:
+            op = ops[0]
+            if not self._apply_op(rec, op):
+                op["tries"] = op.get("tries", 0) + 1
+                if not self.online() and op["tries"] < MAX_OP_TRIES:
+                    return False  # (a server that answers its probe but times out on this op: dropped)
+                logger.warning("MLflow %s of %s dropped after %d attempt(s)", op["op"], rec["name"], op["tries"])
+            ops.pop(0)
+        return True
+
+    def _sync_logged_step(self, rec: dict[str, Any]) -> bool:
+        """After a restore (or a run found by tag): which epochs does MLflow have? Never log one twice."""
         ok, hist = self._call("get_metric_history", self.client.get_metric_history, rec["run_id"], self.metric)
-        if ok and hist:
-            rec["logged_step"] = max(rec["logged_step"], max(int(m.step) for m in hist))
+        if not ok:
+            return False
+        rec["reattached"] = False
+        have = max((int(m.step) for m in hist), default=0)
+        if have:
+            rec["pending"] = [m for m in rec["pending"] if m[2] > have]
+            rec["logged_step"] = max(rec["logged_step"], have)
+        return True
 
-    def _log_params(self, trial, rec: dict[str, Any]) -> None:
+    def _log_params(self, rec: dict[str, Any]) -> bool:
         from mlflow.entities import Param
 
-        params = flatten_config(resolved_config(dict(getattr(trial, "config", {}) or {})))
-        items = [Param(k, v) for k, v in sorted(params.items())]
+        items = [Param(k, v) for k, v in sorted(rec["params"].items())]
         ok = True
         for i in range(0, len(items), 100):
             ok &= self._call("log_batch(params)", self.client.log_batch, rec["run_id"], params=items[i : i + 100])[0]
-        rec["params_logged"] = ok
+        return ok
+
+    def _flush(self, rec: dict[str, Any]) -> bool:
+        """Pending metrics in batches of 1000 (MLflow's limit); a sent batch leaves the queue at once."""
+        from mlflow.entities import Metric
+
+        while rec["pending"]:
+            chunk = rec["pending"][:1000]
+            batch = [Metric(k, v, ts, step) for (k, v, step, ts) in chunk]
+            if not self._call("log_batch(metrics)", self.client.log_batch, rec["run_id"], metrics=batch)[0]:
+                return False
+            del rec["pending"][: len(chunk)]
+        return True
+
+    def _apply_op(self, rec: dict[str, Any], op: dict[str, Any]) -> bool:
+        run_id, kind = rec["run_id"], op["op"]
+        if kind == "tags":
+            from mlflow.entities import RunTag
+
+            tags = [RunTag(k, str(v)) for k, v in op["tags"].items()]
+            return self._call("log_batch(tags)", self.client.log_batch, run_id, tags=tags)[0]
+        if kind == "end":
+            return self._call("set_terminated", self.client.set_terminated, run_id, status=op["status"])[0]
+        if kind == "reopen":  # a restored trial continues in its run: RUNNING again, stale stop_reason gone
+            ok, run = self._call("get_run", self.client.get_run, run_id)
+            if not ok:
+                return False
+            if run.info.status != "RUNNING" and not self._call("update_run", self.client.update_run, run_id,
+                                                               status="RUNNING")[0]:
+                return False
+            if "stop_reason" in run.data.tags:
+                return self._call("delete_tag", self.client.delete_tag, run_id, "stop_reason")[0]
+            return True
+        if kind == "artifacts":
+            if not os.path.isdir(op["dir"]):
+                logger.warning("spooled checkpoint %s of %s is gone; not uploaded", op["dir"], rec["name"])
+                return True
+            ok = self._upload_dir(run_id, op["dir"], op["path"], op.get("plots", []))
+            if ok:
+                shutil.rmtree(op["dir"], ignore_errors=True)
+                self._uploaded(rec, op["epoch"])
+            return ok
+        logger.warning("unknown queued MLflow operation %r dropped", kind)  # pragma: no cover
+        return True
+
+    def _queue(self, rec: dict[str, Any], op: dict[str, Any]) -> None:
+        rec.setdefault("ops", []).append(op)
+
+    def _drain(self) -> None:
+        """Send whatever is queued (all trials, then the parent run) while MLflow answers."""
+        for rec in self._trials.values():
+            if self._owes(rec) and not self._sync(rec):
+                return
+        while self._parent_ops and self.parent_run_id:
+            op = self._parent_ops[0]
+            ok = self._call("log_metric(best_so_far)", self.client.log_metric, self.parent_run_id, op["key"],
+                            op["value"], step=op["step"])[0]
+            if not ok and not self.online():
+                return
+            self._parent_ops.pop(0)
 
     def _reopen(self, rec: dict[str, Any]) -> None:
         """A restored trial continues in its run: RUNNING again, stale stop_reason removed."""
-        if rec["run_id"] is None or rec["open"]:
+        if rec["open"]:
             return
-        ok, run = self._call("get_run", self.client.get_run, rec["run_id"])
-        if not ok or run.info.status != "RUNNING":
-            self._call("update_run", self.client.update_run, rec["run_id"], status="RUNNING")
-        if ok and "stop_reason" in run.data.tags:
-            self._call("delete_tag", self.client.delete_tag, rec["run_id"], "stop_reason")
+        if rec["run_id"] is not None or rec["stop_reason"] is not None:
+            self._queue(rec, {"op": "reopen"})
         rec["open"] = True
         rec["stop_reason"] = None
 
-    def _flush(self, rec: dict[str, Any]) -> None:
-        if not rec["pending"] or rec["run_id"] is None:
-            return
-        from mlflow.entities import Metric
-
-        batch = [Metric(k, v, ts, step) for (k, v, step, ts) in rec["pending"]]
-        ok = True
-        for i in range(0, len(batch), 1000):
-            ok &= self._call("log_batch(metrics)", self.client.log_batch, rec["run_id"], metrics=batch[i : i + 1000])[0]
-        if ok:
-            rec["pending"] = []
-
     # -- Tune hooks ----------------------------------------------------------------------------------
+    def on_step_begin(self, iteration: int, trials: list, **info):
+        if not self._orphans_checked:
+            self._orphans_checked = self._end_orphan_runs(trials)
+        now = time.monotonic()
+        if now >= self._next_drain and (self._parent_ops or any(self._owes(r) for r in self._trials.values())):
+            self._next_drain = now + DRAIN_INTERVAL_S
+            self._drain()
+
+    def _end_orphan_runs(self, trials: list) -> bool:
+        """Runs of this study still RUNNING that no trial of the (restored) sweep will continue: their
+        trials were started after the last saved Tune state by a driver that was then killed. They end
+        ``KILLED`` with ``stop_reason=cancelled``, like their Optuna trials (optuna_bridge, restore)."""
+        if not self.parent_run_id:
+            return True
+        known = {t.trial_id for t in trials} | set(self._trials)
+        flt = (f"tags.study_id = '{self.study_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
+               "and attributes.status = 'RUNNING'")
+        ok, runs = self._call("search_runs(orphans)", self.client.search_runs, experiment_ids=[self.experiment_id],
+                              filter_string=flt, max_results=1000)
+        if not ok:
+            return False
+        for run in runs:
+            tid = run.data.tags.get("tune_trial_id")
+            if not tid or tid in known:
+                continue
+            self._say(f"MLflow run {run.info.run_id} of trial {tid}: the trial was lost with a killed driver "
+                      "before Tune saved it; ending the run as cancelled")
+            self._call("set_tag", self.client.set_tag, run.info.run_id, "stop_reason", STOP_CANCELLED)
+            self._call("set_terminated", self.client.set_terminated, run.info.run_id,
+                       status=RUN_STATUS_FOR_REASON[STOP_CANCELLED])
+        return True
+
     @_timed
     def on_trial_start(self, iteration: int, trials: list, trial, **info):
-        rec = self._ensure_run(trial)
+        rec = self._record(trial)
         self._reopen(rec)
         attrs = {"tune_trial_id": trial.trial_id, "stop_reason": None}
+        self._sync(rec)
         if rec["run_id"]:
             attrs["mlflow_run_id"] = rec["run_id"]
         self._link("set_trial_attrs", trial.trial_id, attrs)
@@ -397,14 +603,14 @@ class MLflowStudyCallback(Callback):
 
     @_timed
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info):
-        rec = self._ensure_run(trial)
+        rec = self._record(trial)
         epoch = epochs_done(result)
         value = finite(result.get(self.metric))
         if epoch > rec["logged_step"]:
             ts = int(time.time() * 1000)
             rec["pending"].extend((k, v, epoch, ts) for k, v in numeric_metrics(result).items())
             rec["logged_step"] = epoch
-            self._flush(rec)
+        self._sync(rec)
         rec["epochs_done"] = max(rec["epochs_done"], epoch)
         attrs: dict[str, Any] = {"epochs_done": rec["epochs_done"]}
         if value is not None:
@@ -417,47 +623,79 @@ class MLflowStudyCallback(Callback):
 
     @_timed
     def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info):
-        rec = self._ensure_run(trial)
-        if rec["run_id"] is None or self.upload == "none":
+        rec = self._record(trial)
+        if self.upload == "none":
             return
         epoch = epochs_done(getattr(trial, "last_result", None)) or rec["epochs_done"]
         is_best = epoch == rec["best_epoch"]
+        path = f"checkpoints/epoch_{epoch:03d}"
         try:
             with checkpoint.as_directory() as d:
                 plots = sorted(glob.glob(os.path.join(d, PLOT_GLOB)))
                 if self.upload == "improved" and not (is_best or plots or epoch >= rec["target"]):
                     return
-                path = f"checkpoints/epoch_{epoch:03d}"
                 files = [os.path.join(d, f) for f in CHECKPOINT_FILES if os.path.exists(os.path.join(d, f))]
                 files += plots
                 if not files:
                     return
-                ok = self._upload(rec["run_id"], files, path)
-                if plots:
-                    self._upload(rec["run_id"], plots, "plots")
+                sent = False
+                if self._sync(rec):
+                    sent = self._upload(rec["run_id"], files, path)
+                    if sent and plots:
+                        self._upload(rec["run_id"], plots, "plots")
+                    if not sent and self.online():
+                        return  # refused by a reachable server: logged by _call, not retried
+                if not sent:  # MLflow unreachable: keep the files until it is back
+                    self._queue(rec, {"op": "artifacts", "dir": self._spool(rec, epoch, files), "path": path,
+                                      "plots": [os.path.basename(p) for p in plots], "epoch": epoch})
         except Exception as exc:  # noqa: BLE001 - unreadable checkpoint: never crash the sweep
             logger.warning("checkpoint of %s not uploaded: %s", rec["name"], exc)
             return
-        if ok:
+        if sent:
+            self._uploaded(rec, epoch)
+        elif is_best and rec["artifact_uri"]:  # where it will be once MLflow has it
+            rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
+            self._link("set_trial_attrs", trial.trial_id, {"checkpoint_uri": rec["checkpoint_uri"]})
+
+    def _checkpoint_uri(self, rec: dict[str, Any], epoch: int) -> str:
+        return f"{rec['artifact_uri'].rstrip('/')}/checkpoints/epoch_{epoch:03d}"
+
+    def _uploaded(self, rec: dict[str, Any], epoch: int) -> None:
+        if epoch not in rec["uploaded"]:
             rec["uploaded"].append(epoch)
-            if is_best and rec["artifact_uri"]:
-                rec["checkpoint_uri"] = f"{rec['artifact_uri'].rstrip('/')}/{path}"
-                self._link("set_trial_attrs", trial.trial_id, {"checkpoint_uri": rec["checkpoint_uri"]})
+        if epoch == rec["best_epoch"] and rec["artifact_uri"]:
+            rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
+            self._link("set_trial_attrs", rec["trial_id"], {"checkpoint_uri": rec["checkpoint_uri"]})
+
+    def _spool(self, rec: dict[str, Any], epoch: int, files: list[str]) -> str:
+        """Copies (hard links where possible) of a checkpoint's files, kept until MLflow takes them:
+        Tune deletes all but its last checkpoints meanwhile."""
+        if self.spool_dir is None:
+            self.spool_dir = tempfile.mkdtemp(prefix="bonn-mlflow-spool-")
+        d = os.path.join(self.spool_dir, rec["trial_id"], f"epoch_{epoch:03d}")
+        os.makedirs(d, exist_ok=True)
+        for f in files:
+            _link_or_copy(f, os.path.join(d, os.path.basename(f)))
+        return d
 
     def _upload(self, run_id: str, files: list[str], artifact_path: str) -> bool:
         if len(files) == 1:
             return self._call("log_artifact", self.client.log_artifact, run_id, files[0], artifact_path)[0]
         with tempfile.TemporaryDirectory(prefix="bonn-ckpt-") as tmp:
             for f in files:
-                try:
-                    os.link(f, os.path.join(tmp, os.path.basename(f)))
-                except OSError:
-                    shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
+                _link_or_copy(f, os.path.join(tmp, os.path.basename(f)))
             return self._call("log_artifacts", self.client.log_artifacts, run_id, tmp, artifact_path)[0]
+
+    def _upload_dir(self, run_id: str, d: str, artifact_path: str, plots: list[str]) -> bool:
+        files = sorted(os.path.join(d, f) for f in os.listdir(d))
+        ok = self._upload(run_id, files, artifact_path)
+        if ok and plots:
+            self._upload(run_id, [os.path.join(d, p) for p in plots if os.path.exists(os.path.join(d, p))], "plots")
+        return ok
 
     @_timed
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
-        rec = self._ensure_run(trial)
+        rec = self._record(trial)
         epochs = max(rec["epochs_done"], epochs_done(getattr(trial, "last_result", None)))
         if epochs == 0 and rec["last_value"] is None:
             reason = STOP_CANCELLED  # removed before it reported anything
@@ -467,37 +705,42 @@ class MLflowStudyCallback(Callback):
 
     @_timed
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
-        rec = self._ensure_run(trial)
+        rec = self._record(trial)
         err = _error_text(trial)
-        if err and rec["run_id"]:
-            self._call("set_tag", self.client.set_tag, rec["run_id"], "error", err[-MAX_TAG_LEN:])
+        if err:
+            self._queue(rec, {"op": "tags", "tags": {"error": err[-MAX_TAG_LEN:],
+                                                     "error_reason": error_reason(err)[:MAX_TAG_LEN]}})
         self._finish(trial, rec, STOP_ERROR)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info):
-        rec = self._ensure_run(trial)
-        if rec["run_id"]:
-            n = getattr(getattr(trial, "run_metadata", None), "num_failures", None)
-            self._call("set_tag", self.client.set_tag, rec["run_id"], "retries", str(n))
+        rec = self._record(trial)
+        n = getattr(getattr(trial, "run_metadata", None), "num_failures", None)
+        self._queue(rec, {"op": "tags", "tags": {"retries": str(n)}})
+        self._sync(rec)
 
     @_timed
     def on_experiment_end(self, trials: list, **info):
-        """Runs still open now were interrupted (cancel, stop of the whole experiment): ``cancelled``."""
+        """Runs still open now were interrupted (cancel, stop of the whole experiment): ``cancelled``.
+        Then everything still queued goes to MLflow, waiting up to ``final_wait_s`` for it."""
         for t in trials:
             rec = self._trials.get(t.trial_id)
             if rec is not None and rec["open"]:
                 self._finish(t, rec, STOP_CANCELLED, count=False)
-        for rec in self._trials.values():
-            self._flush(rec)
+        deadline = time.monotonic() + self.final_wait_s
+        self._drain()
+        while self.backlog() and self._down_until is not None and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            self._drain()
+        if self.backlog() and self._down_until is not None:
+            self._say(f"warning: MLflow unreachable for {self.final_wait_s:.0f}s at the end of the sweep: "
+                      f"{self.backlog()} item(s) not sent (kept in the Tune state; a resume sends them)")
 
     def _finish(self, trial, rec: dict[str, Any], reason: str, count: bool = True) -> None:
-        self._flush(rec)
         rec["stop_reason"] = reason
-        if rec["run_id"] is not None:
-            self._call("set_tag", self.client.set_tag, rec["run_id"], "stop_reason", reason)
-            self._call(
-                "set_terminated", self.client.set_terminated, rec["run_id"], status=RUN_STATUS_FOR_REASON[reason]
-            )
+        self._queue(rec, {"op": "tags", "tags": {"stop_reason": reason}})
+        self._queue(rec, {"op": "end", "status": RUN_STATUS_FOR_REASON[reason]})
         rec["open"] = False
+        self._sync(rec)
         if not count:
             return
         # the parent run's best_so_far: over trials that ran to completion (the Optuna COMPLETE ones)
@@ -508,20 +751,25 @@ class MLflowStudyCallback(Callback):
             self._study["best_value"] = rec["last_value"]
             self._study["best_trial"] = trial.trial_id
         if self.parent_run_id and self._study["best_value"] is not None:
-            self._call(
-                "log_metric(best_so_far)", self.client.log_metric, self.parent_run_id, "best_so_far",
-                self._study["best_value"], step=self._study["finished"],
-            )
+            self._parent_ops.append({"key": "best_so_far", "value": self._study["best_value"],
+                                     "step": self._study["finished"]})
+            self._drain()
 
     # -- state ---------------------------------------------------------------------------------------
     def get_state(self) -> dict | None:
-        return {"trials": copy.deepcopy(self._trials), "study": dict(self._study), "version": 1}
+        return {"trials": copy.deepcopy(self._trials), "study": dict(self._study),
+                "parent_ops": copy.deepcopy(self._parent_ops), "version": 2}
 
     def set_state(self, state: dict) -> None:
         self._trials = copy.deepcopy(state.get("trials", {}))
         self._study.update(state.get("study", {}))
-        for rec in self._trials.values():
-            rec["reattached"] = True  # check MLflow for epochs logged after this state was saved
+        self._parent_ops = copy.deepcopy(state.get("parent_ops", []))
+        for tid, rec in self._trials.items():
+            rec.setdefault("trial_id", tid)
+            rec.setdefault("ops", [])
+            rec.setdefault("params", None)  # a version-1 state had logged them (or kept no config)
+            rec.pop("params_logged", None)
+            rec["reattached"] = rec["run_id"] is not None  # MLflow may have epochs logged after the save
             if rec.get("stop_reason") is None:
                 # saved while running (Tune saves its state before on_experiment_end): the run may
                 # have been ended as cancelled since; _reopen() checks MLflow when the trial restarts
@@ -558,6 +806,71 @@ def _permanent(exc: Exception) -> bool:
     code = getattr(exc, "error_code", None)
     return code in {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
                     "INVALID_STATE", "BAD_REQUEST"}
+
+
+#: what MLflow's REST client says when the server cannot be reached (after its own HTTP retries)
+_UNREACHABLE_TEXT = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
+                     "Connection aborted", "Connection reset", "RemoteDisconnected", "timed out")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The server did not answer (down, restarting, unreachable), as opposed to refusing a request."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        try:
+            import requests
+
+            if isinstance(e, (requests.ConnectionError, requests.Timeout)):
+                return True
+        except ImportError:  # pragma: no cover
+            pass
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    return any(t in text for t in _UNREACHABLE_TEXT)
+
+
+def _reachable(tracking_uri: str, timeout_s: float = 2.0) -> bool:
+    """A cheap probe: does the MLflow server answer its ``/health``? (non-HTTP stores: always)"""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s) as r:  # noqa: S310
+            return r.status == 200
+    except Exception:  # noqa: BLE001 - refused, timeout, 5xx
+        return False
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def error_reason(text: str, limit: int = 500) -> str:
+    """One line that says why a trial failed: the last exception line of its error text (Tune's
+    ``error.txt`` holds one traceback per failure), e.g. ``TrainingDiverged: non-finite training loss
+    in epoch 1: ...`` (module paths dropped)."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith(("File ", "Traceback", "Failure #", "^", "~")):
+            continue
+        head, sep, rest = ln.partition(":")
+        if sep and head and " " not in head and (head[0].isalpha() or head[0] == "_"):
+            ln = f"{head.rsplit('.', 1)[-1]}:{rest}"
+        return ln if len(ln) <= limit else ln[: limit - 3] + "..."
+    return ""
+
+
+def trial_error_reason(trial) -> str:
+    """Why a Tune trial errored, in one line (:func:`error_reason` of its error file)."""
+    return error_reason(_error_text(trial))
 
 
 def _error_text(trial) -> str:

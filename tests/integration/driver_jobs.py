@@ -1,7 +1,12 @@
-"""Running the study driver as a real Ray Job, for the integration tests that bypass the API."""
+"""Running the study driver as a real Ray Job, for the integration tests that bypass the API; reading
+its job log; killing a process of the stack by pid (fault tests)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
 import sys
 import time
 import uuid
@@ -64,3 +69,35 @@ def job_payload(spec_dict: dict, *, mlflow_uri: str, optuna_storage: str, tune_s
         "resume": False,
         "num_trials": spec.budget.num_trials,
     }
+
+
+EPOCH_LINE = re.compile(r"trial train_bonn_(\w+) epoch (\d+)/\d+ ")
+
+
+def epochs_by_trial(logs: str) -> dict[str, list[int]]:
+    """{tune trial id: [epoch, ...]} in the order the driver received the results (its job log has a
+    line ``trial <name> epoch E/N ...`` per result)."""
+    out: dict[str, list[int]] = {}
+    for m in EPOCH_LINE.finditer(logs):
+        out.setdefault(m.group(1), []).append(int(m.group(2)))
+    return out
+
+
+def kill_pid(pid: int, *, expect_in_cmdline: str, timeout: float = 15.0) -> None:
+    """SIGKILL one process by pid -- after checking that its command line names what we mean to kill --
+    and wait until it is gone (reaped, or a zombie of its parent)."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    assert expect_in_cmdline in cmdline, f"pid {pid} is {cmdline!r}, not {expect_in_cmdline!r}"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)  # our own child (the API): reap it
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat[stat.rindex(")") + 2] == "Z":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} still alive {timeout}s after SIGKILL")

@@ -158,6 +158,53 @@ def test_save_restore_rebinds_and_fails_orphans(storage_url, tmp_path):
     assert s2._storage is not None and s2.study._storage._backend is s2._storage
 
 
+def test_restore_counts_trials_that_finished_after_the_saved_state(storage_url, tmp_path):
+    """A driver killed with SIGKILL saves nothing at the end: trials created after the last saved
+    state either finished (kept, and counted as created so that the generator does not replace
+    them) or were cut off (FAIL, stop_reason=cancelled, replaced)."""
+    s = make_searcher(storage_url)
+    for tid in ("a", "b"):
+        s.suggest(tid)
+    feed(s, "a", [0.1, 0.2])
+    ckpt = tmp_path / "searcher.pkl"
+    s.save(str(ckpt))
+    saved_generator = {"counter": 2, "total_samples": 5, "finished": False, "experiment": None}
+    for tid in ("c", "d", "e"):  # after the save: "c" completes, "d" errors, "e" is cut off by the kill
+        s.suggest(tid)
+    feed(s, "c", [0.3, 0.4])
+    feed(s, "d", [0.1], error=True)
+    s.on_trial_result("e", res(1, 0.2))
+
+    s2 = make_searcher(storage_url)
+    s2.restore(str(ckpt))
+    assert s2.finished_unknown == 2 and s2.trials_accounted == 4
+    cut = s2.study._storage.get_trial(s._ot_trials["e"]._trial_id)
+    assert cut.state == TrialState.FAIL and cut.user_attrs["stop_reason"] == "cancelled"
+    gen = StudySearchGenerator(StudyConcurrencyLimiter(s2, max_concurrent=2), num_trials=5)
+    gen.set_state(dict(saved_generator))
+    assert gen.created == 4 and not gen.is_finished()  # one more trial, in place of "e"
+
+    # the next restore (state saved by the resumed run, which never knew c, d, e) counts nothing twice
+    s2.save(str(ckpt))
+    s3 = make_searcher(storage_url)
+    s3.restore(str(ckpt))
+    assert s3.finished_unknown == 2
+    gen3 = StudySearchGenerator(StudyConcurrencyLimiter(s3, max_concurrent=2), num_trials=5)
+    gen3.set_state({**saved_generator, "counter": 4})
+    assert gen3.created == 4
+
+
+def test_errored_trial_gets_its_reason_as_user_attr(storage_url):
+    s = make_searcher(storage_url)
+    s.error_reason = {"a": "TrainingDiverged: non-finite training loss in epoch 1"}.get
+    s.suggest("a")
+    s.suggest("b")
+    feed(s, "a", [0.1], error=True)
+    feed(s, "b", [0.1, 0.3])
+    assert frozen(s, "a").user_attrs["error"] == "TrainingDiverged: non-finite training loss in epoch 1"
+    assert "error" not in frozen(s, "b").user_attrs
+
+
 class Space:  # stands in for search_spaces.SearchSpace (module level: picklable)
     def define_by_run(self, trial):
         trial.suggest_float("lam", 0.1, 1.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +17,13 @@ pytest.importorskip("ray.tune")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from service.tracking import MLflowStudyCallback, flatten_config, numeric_metrics, resolved_config  # noqa: E402
+from service.tracking import (  # noqa: E402
+    MLflowStudyCallback,
+    error_reason,
+    flatten_config,
+    numeric_metrics,
+    resolved_config,
+)
 
 STUDY = "study-unit"
 
@@ -284,19 +292,108 @@ def test_mlflow_hiccups_never_crash_and_metrics_catch_up(exp, tmp_path):
     cb = make_cb(exp, retries=2)
     trial = FakeTrial("fff_00000", {"epochs": 3}, tmp_path)
     cb._client = FlakyClient(MlflowClient(tracking_uri=exp.uri), fail=3)
-    # create_run fails twice (both retries), then succeeds on the next event
+    # create_run cannot reach the server: no retry loop, the callback goes offline and queues
     cb.on_trial_start(iteration=0, trials=[trial], trial=trial)
     assert cb.run_id(trial.trial_id) is None and cb.failed_calls == 1
-    run_epochs(cb, trial, tmp_path, [1], [0.3])  # create_run fails once more, then works
-    cb._client.fail = 2  # the next log_batch fails on both attempts: metrics stay pending
+    run_epochs(cb, trial, tmp_path, [1], [0.3])
+    cb._client.fail = 2
     run_epochs(cb, trial, tmp_path, [2], [0.4])
-    assert cb.record(trial.trial_id)["pending"]
     run_epochs(cb, trial, tmp_path, [3], [0.5])
     cb.on_trial_complete(iteration=3, trials=[trial], trial=trial)
+    cb.on_experiment_end(trials=[trial])  # sends what is still queued
+    assert cb.backlog() == 0
     run_id = cb.run_id(trial.trial_id)
     steps = sorted(m.step for m in exp.client.get_metric_history(run_id, "val_acc"))
     assert steps == [1, 2, 3]
     assert len(child_runs(exp, trial.trial_id)) == 1
+    run = exp.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
+
+
+class DownClient:
+    """Wraps a real client; every call raises ConnectionError while ``down``."""
+
+    def __init__(self, real):
+        self.real, self.down, self.calls_while_down = real, False, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+
+        def wrapped(*a, **kw):
+            if self.down:
+                self.calls_while_down += 1
+                raise ConnectionError("Connection refused")
+            return attr(*a, **kw)
+
+        return wrapped
+
+
+def test_mlflow_outage_queues_everything_and_sends_it_in_order_when_back(exp, tmp_path):
+    """An outage mid-trial: the epochs, checkpoints (spooled: Tune deletes its old ones meanwhile),
+    the trial's end and the parent's best_so_far all reach MLflow once it is back; nothing twice."""
+    link = FakeLink()
+    cb = make_cb(exp, optuna_link=link, spool_dir=str(tmp_path / "spool"))
+    client = DownClient(MlflowClient(tracking_uri=exp.uri))
+    cb._client = client
+    trial = FakeTrial("hhh_00000", {"epochs": 3}, tmp_path)
+    cb.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    run_epochs(cb, trial, tmp_path, [1], [0.5])
+    run_id = cb.run_id(trial.trial_id)
+    client.down = True
+    t0 = time.monotonic()
+    run_epochs(cb, trial, tmp_path, [2, 3], [0.7, 0.6], png_epochs=(2,))
+    for e in (2, 3):
+        shutil.rmtree(tmp_path / f"{trial.trial_id}_ck{e}")  # Tune keeps only its last checkpoints
+    cb.on_trial_complete(iteration=3, trials=[trial], trial=trial)
+    cb.on_step_begin(iteration=4, trials=[trial])
+    assert time.monotonic() - t0 < 2.0  # offline: no retry loops stall the sweep
+    assert sorted(m.step for m in exp.client.get_metric_history(run_id, "val_acc")) == [1]
+    assert exp.client.get_run(run_id).info.status == "RUNNING" and cb.backlog() > 0
+    assert link.attrs[trial.trial_id]["checkpoint_uri"].endswith("/checkpoints/epoch_002")  # known in advance
+
+    client.down = False
+    cb.on_experiment_end(trials=[trial])
+    assert cb.backlog() == 0
+    hist = exp.client.get_metric_history(run_id, "val_acc")
+    assert sorted((m.step, m.value) for m in hist) == [(1, 0.5), (2, 0.7), (3, 0.6)]
+    run = exp.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
+    assert "lr_gamma" in run.data.params
+    arts = artifact_paths(exp.client, run_id)
+    assert {f"checkpoints/epoch_{e:03d}/checkpoint.pt" for e in (1, 2, 3)} <= arts
+    assert {"checkpoints/epoch_002/weights_hist_epoch002.png", "plots/weights_hist_epoch002.png"} <= arts
+    assert not list((tmp_path / "spool").rglob("*.pt"))  # spooled copies removed once uploaded
+    assert [(m.step, m.value) for m in exp.client.get_metric_history(exp.parent, "best_so_far")] == [(1, 0.6)]
+    assert len(child_runs(exp, trial.trial_id)) == 1
+
+
+def test_trial_started_and_ended_during_an_outage_gets_its_run_afterwards(exp, tmp_path):
+    cb = make_cb(exp)
+    client = DownClient(MlflowClient(tracking_uri=exp.uri))
+    client.down = True
+    cb._client = client
+    trial = FakeTrial("iii_00000", {"epochs": 2}, tmp_path)
+    cb.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    run_epochs(cb, trial, tmp_path, [1, 2], [0.4, 0.5])
+    err = tmp_path / "error.txt"
+    err.write_text("Failure # 1\nTraceback ...\ntrainables.train.TrainingDiverged: non-finite training loss\n")
+    trial.error_file = str(err)
+    cb.on_trial_error(iteration=2, trials=[trial], trial=trial)
+    assert cb.run_id(trial.trial_id) is None and not child_runs(exp, trial.trial_id)
+    client.down = False
+    cb.on_experiment_end(trials=[trial])
+    (run,) = child_runs(exp, trial.trial_id)
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == "error"
+    assert run.data.tags["error_reason"] == "TrainingDiverged: non-finite training loss"
+    assert sorted(m.step for m in exp.client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2]
+
+
+def test_error_reason_is_the_last_exception_line():
+    text = ("Failure # 1 (occurred at 2025-01-01)\nray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n"
+            "  File \"/x/train.py\", line 625, in fit\n    raise TrainingDiverged(...)\n"
+            "trainables.train.TrainingDiverged: non-finite training loss in epoch 1: train_loss=nan\n")
+    assert error_reason(text) == "TrainingDiverged: non-finite training loss in epoch 1: train_loss=nan"
+    assert error_reason("") == ""
 
 
 def test_upload_policy_improved(exp, tmp_path):
