@@ -5,10 +5,13 @@
     bonn-sweep studies create study.yaml | --preset digits-smoke [--name N] [--trials 8] [--set epochs=4]
     bonn-sweep studies list | show ID | watch ID | cancel ID | resume ID [--trials N]
     bonn-sweep spaces list | show NAME | validate FILE ...
+    bonn-sweep keys create [--name N] | list | revoke ID     # API keys (stored hashed in the study store)
     bonn-sweep down                    # stops exactly what `up` started (by pid)
 
 The API URL: ``--api URL``, else ``BONN_SWEEP_API_URL``, else the stack recorded in the home's
-``stack.json``, else ``http://127.0.0.1:8000``. API errors print one line per field and exit 1.
+``stack.json``, else ``http://127.0.0.1:8000``. The API key: ``BONN_SWEEP_API_KEY``, else the local
+stack's ``<home>/api-key`` (written by ``up``; sent only to a loopback API URL). API errors print one
+line per field and exit 1.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from rich.table import Table
 console = Console(soft_wrap=False)
 err_console = Console(stderr=True, soft_wrap=True)
 
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED"}
 DEMO_STUDY: dict[str, Any] = {
     "name": "digits-demo",
     "search_space": "digits-smoke",
@@ -56,9 +59,10 @@ class CliError(Exception):
 
 
 class Api:
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, timeout: float = 60.0, key: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -68,7 +72,11 @@ class Api:
         except httpx.HTTPError as exc:
             raise CliError(f"API request {method} {path} failed: {exc.__class__.__name__}: {exc}") from None
         if r.status_code >= 400:
-            raise CliError(*error_lines(r))
+            lines = error_lines(r)
+            if r.status_code in (401, 403):
+                lines.append("set BONN_SWEEP_API_KEY to a key of this API (`bonn-sweep keys create` on its machine); "
+                             "the local stack's key is in <home>/api-key")
+            raise CliError(*lines)
         return r.json()
 
 
@@ -102,6 +110,34 @@ def api_url(args: argparse.Namespace) -> str:
     return Settings().api_url or "http://127.0.0.1:8000"
 
 
+def is_loopback_url(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key(args: argparse.Namespace, url: str) -> str | None:
+    """``BONN_SWEEP_API_KEY``, else the local stack's key file -- the latter only for a loopback URL
+    (the local user's key is never sent to another machine)."""
+    from service.auth import CLIENT_ENV, read_local_key
+
+    if os.environ.get(CLIENT_ENV):
+        return os.environ[CLIENT_ENV].strip()
+    return read_local_key(home_of(args)) if is_loopback_url(url) else None
+
+
+def client(args: argparse.Namespace, url: str | None = None) -> Api:
+    url = url or api_url(args)
+    return Api(url, key=api_key(args, url))
+
+
 def home_of(args: argparse.Namespace) -> Path:
     return Path(args.home or os.environ.get("BONN_SWEEP_HOME") or ".bonn-sweep").expanduser().absolute()
 
@@ -130,6 +166,7 @@ def print_urls(stack: Any) -> None:
     t.add_row("MLflow", stack.mlflow_uri)
     t.add_row("Ray dashboard", stack.ray_dashboard_url)
     t.add_row("Ray address", stack.ray_address)
+    t.add_row("API key", f"{Path(stack.home) / 'api-key'}  (the CLI sends it; others: Authorization: Bearer <key>)")
     t.add_row("logs", str(Path(stack.home) / "logs"))
     console.print(t)
 
@@ -236,18 +273,18 @@ def _lines(exc: Exception) -> list[str]:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    api = Api(api_url(args))
+    api = client(args)
     spec = build_spec(args)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     study = api.request("POST", "/studies", json=spec, headers=headers)
     print_study(study)
     if args.watch:
         return watch(api, study["id"])
-    return 0 if study["status"] != "FAILED" else 1
+    return 0 if study["status"] not in ("FAILED", "INTERRUPTED") else 1
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    api = Api(api_url(args))
+    api = client(args)
     params: dict[str, Any] = {"limit": args.limit, "offset": args.offset}
     if args.status:
         params["status"] = args.status.upper()
@@ -265,7 +302,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    api = Api(api_url(args))
+    api = client(args)
     study = api.request("GET", f"/studies/{args.id}")
     print_study(study)
     trials = api.request("GET", f"/studies/{args.id}/trials")
@@ -275,21 +312,21 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    return watch(Api(api_url(args)), args.id)
+    return watch(client(args), args.id)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    study = Api(api_url(args)).request("POST", f"/studies/{args.id}/cancel")
+    study = client(args).request("POST", f"/studies/{args.id}/cancel")
     console.print(f"study {study['id']}: {styled_status(study['status'])}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     body = {"num_trials": args.trials} if args.trials is not None else None
-    study = Api(api_url(args)).request("POST", f"/studies/{args.id}/resume", json=body)
+    study = client(args).request("POST", f"/studies/{args.id}/resume", json=body)
     console.print(f"study {study['id']}: {styled_status(study['status'])} (job {study.get('submission_id')})")
     if args.watch:
-        return watch(Api(api_url(args)), args.id)
+        return watch(client(args), args.id)
     return 0
 
 
@@ -297,7 +334,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 STATUS_STYLE = {
     "PENDING": "yellow", "RUNNING": "cyan", "STOPPING": "magenta", "SUCCEEDED": "green", "FAILED": "red",
-    "CANCELLED": "magenta", "COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "WAITING": "dim",
+    "CANCELLED": "magenta", "INTERRUPTED": "red", "COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "WAITING": "dim",
 }
 
 
@@ -394,7 +431,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except StackError as exc:
             raise CliError(f"bonn-sweep up failed: {exc}") from None
         url = stack.api_url
-    api = Api(url or "")
+    api = client(args, url or "")
     spec = deep_merge(DEMO_STUDY, {"budget": {"num_trials": args.trials}})
     t0 = time.monotonic()
     study = api.request("POST", "/studies", json=spec)
@@ -415,6 +452,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"Ray dashboard: {study['links'].get('ray_job')}", soft_wrap=True)
     console.print("stop everything with: [bold]bonn-sweep down[/bold]" + (f" --home {home}" if args.home else ""))
     return rc
+
+
+# -- API keys ---------------------------------------------------------------------------------------
+
+
+def _key_store(args: argparse.Namespace) -> Any:
+    from service.settings import Settings
+    from service.store import StudyStore
+
+    settings = Settings(home=home_of(args))
+    settings.ensure_dirs()
+    store = StudyStore(settings.store_url or "")
+    store.create_all()
+    return store
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from service.auth import hash_key, new_key
+
+    store = _key_store(args)
+    try:
+        key_id, key = new_key()
+        store.add_api_key(key_id, hash_key(key), args.name or "")
+    finally:
+        store.close()
+    err_console.print(f"created API key {key_id}{f' ({args.name})' if args.name else ''}; it is shown once, "
+                      "only its sha256 is stored. Clients send it as 'Authorization: Bearer <key>' "
+                      "(the CLI: BONN_SWEEP_API_KEY).")
+    print(key)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    store = _key_store(args)
+    try:
+        rows = store.list_api_keys()
+    finally:
+        store.close()
+    t = Table(title=f"API keys ({sum(r.revoked_at is None for r in rows)} active)")
+    for col in ("id", "name", "created", "revoked"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.id, r.name, r.created_at.isoformat(timespec="seconds"),
+                  r.revoked_at.isoformat(timespec="seconds") if r.revoked_at else "")
+    console.print(t)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    store = _key_store(args)
+    try:
+        row = store.revoke_api_key(args.id)
+    finally:
+        store.close()
+    if row is None:
+        raise CliError(f"no API key with id {args.id!r} (see `bonn-sweep keys list`)")
+    console.print(f"revoked {row.id} (the API stops accepting it within a few seconds: BONN_SWEEP_API_KEY_CACHE_S)")
+    return 0
 
 
 # -- parser -----------------------------------------------------------------------------------------
@@ -460,11 +555,21 @@ def build_parser() -> argparse.ArgumentParser:
         x = ss.add_parser(name, help=helptext)
         x.add_argument("id")
         x.set_defaults(fn=fn)
-    r = ss.add_parser("resume", help="continue a CANCELLED or FAILED study")
+    r = ss.add_parser("resume", help="continue a CANCELLED, FAILED or INTERRUPTED study")
     r.add_argument("id")
     r.add_argument("--trials", type=int, help="new total number of trials")
     r.add_argument("--watch", action="store_true")
     r.set_defaults(fn=cmd_resume)
+
+    k = sub.add_parser("keys", help="API keys: create / list / revoke (in the study store, hashed)")
+    ks = k.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    kc = ks.add_parser("create", help="print a new key (once); only its hash is stored")
+    kc.add_argument("--name", help="who or what uses it")
+    kc.set_defaults(fn=cmd_keys_create)
+    ks.add_parser("list", help="ids, names, created / revoked").set_defaults(fn=cmd_keys_list)
+    kr = ks.add_parser("revoke", help="stop accepting a key")
+    kr.add_argument("id")
+    kr.set_defaults(fn=cmd_keys_revoke)
 
     sp = sub.add_parser("spaces", help="search spaces: list, show, validate (see `bonn-sweep spaces --help`)", add_help=False)
     sp.add_argument("rest", nargs=argparse.REMAINDER)

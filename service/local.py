@@ -8,6 +8,17 @@ stops exactly those processes: SIGTERM to each recorded leader, then to its proc
 period, then SIGKILL to whatever is left of those groups and of the recorded processes' descendants -- never anything
 else (``ray stop`` would kill every Ray cluster on the machine, colleagues' included).
 
+Every server of the embedded stack listens on 127.0.0.1 only (tests/integration/test_security_e2e.py
+reads the listening sockets of every process of the stack from /proc). Ray needs a nudge for that:
+``ray start --node-ip-address=127.0.0.1`` alone still picks the machine's address and binds the GCS,
+raylet and agents to it or to all interfaces; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's own
+switch for single-machine clusters) its node IP is the loopback address and every Ray server binds
+there. Extra nodes (:func:`start_ray_worker`, multi-node tests) join through
+:mod:`service.ray_loopback`, since plain ``ray start --address`` refuses to with that switch.
+
+The API needs a key for every write: :func:`start_stack` makes sure ``{home}/api-key`` (mode 0600)
+holds a key the store knows (service/auth.py); the CLI and :meth:`Stack.env` pick it up from there.
+
 Ray runs with ``RAY_AUTH_MODE=disabled``: the embedded stack binds every port to 127.0.0.1, and token
 auth would otherwise write ``~/.ray/auth_token``, which then turns token auth on for every later
 cluster and client of this user. The compose deployment documents how to run with a token
@@ -42,6 +53,8 @@ WORKER_PORT_RANGE = 100
 
 ENV_EMBEDDED = {
     "RAY_AUTH_MODE": "disabled",
+    # Ray's node IP = 127.0.0.1, so that GCS, raylet, agents and workers listen on loopback only
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
 }
@@ -225,8 +238,16 @@ class Stack:
     def home_path(self) -> Path:
         return Path(self.home)
 
+    @property
+    def api_key(self) -> str | None:
+        """The local user's API key of this stack (``{home}/api-key``)."""
+        from service.auth import read_local_key
+
+        return read_local_key(self.home)
+
     def env(self) -> dict[str, str]:
-        """Environment for processes that talk to this stack (API, driver tests, CLI)."""
+        """Environment for processes that talk to this stack (API, driver tests, CLI); with
+        ``BONN_SWEEP_API_KEY`` for clients."""
         env = {
             **ENV_EMBEDDED,
             "BONN_SWEEP_HOME": self.home,
@@ -239,6 +260,9 @@ class Stack:
             env["BONN_SWEEP_API_PORT"] = str(self.api_port)
             env["BONN_SWEEP_API_HOST"] = "127.0.0.1"
             env["BONN_SWEEP_API_URL"] = self.api_url or ""
+        key = self.api_key
+        if key:
+            env["BONN_SWEEP_API_KEY"] = key
         return env
 
     @property
@@ -348,6 +372,8 @@ def start_stack(
         alive = existing.alive()
         if alive and all(alive.values()) and (existing.api_port is not None or not with_api):
             say(f"stack already running (home {home})")
+            if with_api:
+                ensure_stack_key(home, extra_env)
             return existing
         say("found a stale stack.json: stopping its leftovers")
         stop_stack(home)
@@ -445,8 +471,9 @@ def start_stack(
         )
         say(f"MLflow up after {stack.timings['mlflow_s']:.1f}s")
 
-        # (c) API
+        # (c) API, with a key for the local user
         if with_api:
+            ensure_stack_key(home, extra_env)
             say(f"starting API (:{api_port})")
             start_api(stack, base_env=base_env)
             say(f"API up in {stack.timings['api_s']:.1f}s")
@@ -456,6 +483,16 @@ def start_stack(
     stack.timings["total_s"] = round(time.monotonic() - t_start, 2)
     stack.save()
     return stack
+
+
+def ensure_stack_key(home: Path, extra_env: dict[str, str] | None = None) -> str:
+    """The local user's key for the stack in ``home`` (created if missing), in the store the API uses."""
+    from service.auth import ensure_local_key
+    from service.settings import Settings
+
+    url = (extra_env or {}).get("BONN_SWEEP_STORE_URL") or Settings(home=home).store_url or ""
+    Settings(home=home, store_url=url).ensure_dirs()
+    return ensure_local_key(home, url)
 
 
 def start_api(stack: Stack, *, base_env: dict[str, str] | None = None, timeout_s: float = 60.0) -> Proc:
@@ -470,6 +507,7 @@ def start_api(stack: Stack, *, base_env: dict[str, str] | None = None, timeout_s
     env = dict(base_env or {**os.environ, **ENV_EMBEDDED})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.update(stack.env())
+    env.pop("BONN_SWEEP_API_KEY", None)  # a client's key: the server has the hashes
     cmd = [
         sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory",
         "--host", "127.0.0.1", "--port", str(stack.api_port), "--log-level", "info",
@@ -582,7 +620,7 @@ def start_ray_worker(
     temp_dir = stack.worker_temp_dirs.get(name) or tempfile.mkdtemp(prefix="bsrayw-", dir="/tmp")
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     cmd = [
-        _bin("ray"), "start", "--block",
+        sys.executable, "-m", "service.ray_loopback", "start", "--block",  # `ray start`, loopback-only
         f"--address={stack.ray_address}",
         f"--temp-dir={temp_dir}",
         "--node-ip-address=127.0.0.1",

@@ -10,6 +10,11 @@ the URLs (Postgres, shared volume) through the environment, e.g.::
     BONN_SWEEP_MLFLOW_TRACKING_URI=http://mlflow:5000
     BONN_SWEEP_RAY_DASHBOARD_URL=http://ray-head:8265
     BONN_SWEEP_DRIVER_PYTHON=python
+
+Security and limits (README "Security"): every mutating request needs ``Authorization: Bearer <key>``;
+keys live hashed (sha256) in the study store's ``api_keys`` table (``bonn-sweep keys create|list|revoke``)
+or come from ``BONN_SWEEP_API_KEYS`` / ``BONN_SWEEP_API_KEYS_FILE`` (a Docker secret). Reads are open
+unless ``BONN_SWEEP_API_AUTH_READS=true``. StudySpec paths (``data_root``) must lie in ``data_dirs``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,6 +55,47 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(5.0, gt=0, description="period of the background status reconcile")
     http_timeout_s: float = Field(10.0, gt=0, description="timeout of calls to Ray's and MLflow's HTTP APIs")
 
+    # API security (service/auth.py, service/api/security.py)
+    api_keys: SecretStr | None = Field(
+        None,
+        description="extra keys the API accepts besides the store's, comma-separated; each a key or "
+                    "`sha256:<64 hex>` (its hash)",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="a file of such entries, one per line (e.g. a Docker secret /run/secrets/...)"
+    )
+    api_auth_reads: bool = Field(
+        False,
+        description="require a key for GET requests too (writes always need one; /healthz and the docs stay open)",
+    )
+    api_key_cache_s: float = Field(5.0, ge=0, description="how long the API caches the store's key table")
+    api_rate_limit_per_s: float = Field(
+        50.0, ge=0, description="requests per second per key (anonymous reads: per client address); 0 = off"
+    )
+    api_rate_limit_burst: int = Field(100, ge=1, description="token-bucket size of the rate limit")
+    api_max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body accepted (413 above)")
+
+    # limits
+    max_trials_per_study: int = Field(1000, ge=1, description="largest budget.num_trials (also on resume)")
+    max_active_studies: int = Field(
+        16, ge=1, description="studies PENDING, RUNNING or STOPPING at once; POST/resume beyond it is 429"
+    )
+    data_dirs: list[Path] | None = Field(
+        None,
+        description="directories StudySpec paths (data_root) must lie in, symlinks resolved; "
+                    "default: the repository's data/ and .data/ and home",
+    )
+
+    @field_validator("data_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, v: object) -> object:
+        # BONN_SWEEP_DATA_DIRS: a JSON list, or paths separated by os.pathsep (":")
+        if isinstance(v, str) and not v.lstrip().startswith("["):
+            import os
+
+            return [p for p in v.split(os.pathsep) if p.strip()]
+        return v
+
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         home = self.home.expanduser().absolute()
@@ -64,6 +110,10 @@ class Settings(BaseSettings):
             self.mlflow_artifacts_dir = home / "mlartifacts"
         if self.api_url is None:
             self.api_url = f"http://{self.api_host}:{self.api_port}"
+        if self.data_dirs is None:
+            repo = Path(__file__).resolve().parent.parent
+            self.data_dirs = [repo / "data", repo / ".data", home]
+        self.data_dirs = [Path(d).expanduser().absolute() for d in self.data_dirs]
         return self
 
     @property

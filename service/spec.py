@@ -49,7 +49,8 @@ DEFAULT_EPOCHS = 10  # trainables' default for `epochs`, used when neither base 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as the schema says (no "8" for 8, no true for 1.0); found by schemathesis
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Objective(_Strict):
@@ -119,7 +120,7 @@ class Resources(_Strict):
                 raise ValueError(f"{name}: amount must be > 0 (got {amount!r})")
             if amount > 1 and amount != int(amount):
                 raise ValueError(f"{name}: an amount above 1 must be a whole number (Ray's rule; got {amount:g})")
-            if abs(amount * 10000 - round(amount * 10000)) > 1e-6:
+            if amount < 1 and abs(amount * 10000 - round(amount * 10000)) > 1e-6:  # (x*1e4 overflows for huge x)
                 raise ValueError(f"{name}: Ray resolves resources to 0.0001 (got {amount!r})")
         return v
 
@@ -151,6 +152,7 @@ class StudySpec(_Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -196,6 +198,10 @@ class StudySpec(_Strict):
                 space = search_spaces.load_preset(self.search_space)
             else:
                 space = search_spaces.load(self.search_space)
+        except OverflowError as exc:  # a number beyond float range (JSON allows any size)
+            raise ValidationError.from_exception_data(
+                "StudySpec", [_custom(("search_space",), f"a number is too large: {exc}", None, "search_space")]
+            ) from None
         except search_spaces.SearchSpaceError as exc:
             errors = [
                 _custom(("search_space", *tuple(e.get("loc") or ())), str(e.get("msg", exc)), self.search_space,
@@ -225,7 +231,12 @@ class StudySpec(_Strict):
             raise ValidationError.from_exception_data("StudySpec", errors)
 
         # -- base: values, through the trial config a trial would receive ---------------------------
-        sample = _sample(space)
+        try:
+            sample = _sample(space)
+        except OverflowError as exc:
+            raise ValidationError.from_exception_data(
+                "StudySpec", [_custom(("search_space",), f"cannot sample the space: {exc}", None, "search_space")]
+            ) from None
         merged = {**fixed, **sample, **self.base}
         _check_train_config(merged, base=self.base, sample=sample)
 
@@ -311,7 +322,7 @@ def _check_train_config(merged: dict[str, Any], *, base: dict[str, Any], sample:
 
     try:
         TrainConfig.from_dict(merged)
-    except (ValueError, TypeError) as exc:  # trainables.ConfigError(ValueError): .field/.rule/.value
+    except (ValueError, TypeError, OverflowError) as exc:  # trainables.ConfigError(ValueError): .field/.rule/.value
         field = getattr(exc, "field", None)
         if field in base or field is None or field not in sample:
             loc: tuple = ("base", field) if field else ("base",)

@@ -139,6 +139,7 @@ TRIAL_ATTRS = (
     "last_value",
     "checkpoint_uri",
     "stop_reason",
+    "error",
 )
 
 

@@ -25,12 +25,20 @@ log = logging.getLogger("service.api")
 class ApiError(Exception):
     """An error with an HTTP status and a located message."""
 
-    def __init__(self, status_code: int, msg: str, loc: list[Any] | None = None, type: str = "error") -> None:  # noqa: A002
+    def __init__(
+        self,
+        status_code: int,
+        msg: str,
+        loc: list[Any] | None = None,
+        type: str = "error",  # noqa: A002
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(msg)
         self.status_code = status_code
         self.msg = msg
         self.loc = loc or []
         self.type = type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"detail": [{"loc": self.loc, "msg": self.msg, "type": self.type}]}
@@ -43,6 +51,21 @@ class StateConflict(ApiError):
 
 def error_body(loc: list[Any], msg: str, type: str) -> dict[str, Any]:  # noqa: A002
     return {"detail": [{"loc": loc, "msg": msg, "type": type}]}
+
+
+PROBED_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(req: Request) -> list[str]:
+    """Every method some route fully matches for ``req``'s path (probed method by method: included
+    routers are opaque groups in FastAPI's router)."""
+    from starlette.routing import Match
+
+    scope = {k: v for k, v in req.scope.items() if k not in ("endpoint", "route", "path_params")}
+    return [
+        m for m in PROBED_METHODS
+        if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in req.app.router.routes)
+    ]
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -73,7 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
-        return _json(exc.status_code, exc.body())
+        return _json(exc.status_code, exc.body(), exc.headers)
 
     @app.exception_handler(StudyNotFound)
     async def _not_found(_req: Request, exc: StudyNotFound) -> JSONResponse:
@@ -103,13 +126,24 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(503, error_body(["mlflow"], str(exc), "mlflow_unavailable"), {"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette's Allow names only the first route of the path: list all
+            allowed = allowed_methods(req)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            return _json(405, error_body(
+                ["method"], f"{req.method} is not allowed on {req.url.path} (allowed: {', '.join(allowed)})",
+                "method_not_allowed"), headers)
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's "error parsing the body" for a JSON body that is not UTF-8: malformed JSON, 422
+            return _json(422, error_body(["body"], f"malformed JSON body: not UTF-8 ({exc.__cause__.reason})",
+                                         "json_invalid"))
         if isinstance(detail, list):
             body = {"detail": detail}
         else:
             body = error_body([], str(detail), "http_error")
-        return _json(exc.status_code, body, getattr(exc, "headers", None))
+        return _json(exc.status_code, body, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:

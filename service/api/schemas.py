@@ -14,7 +14,7 @@ StudyCreate = StudySpec  # the request body of POST /studies
 
 
 class ResumeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     num_trials: int | None = Field(None, ge=1, description="new total number of trials (extends the study)")
 
 
@@ -90,6 +90,7 @@ class TrialPublic(BaseModel):
     last_value: float | None = None
     checkpoint_uri: str | None = None
     stop_reason: str | None = None
+    error: str | None = Field(None, description="why an errored trial failed (its last exception, one line)")
     datetime_start: datetime | None = None
     datetime_complete: datetime | None = None
     duration_s: float | None = None
@@ -124,9 +125,11 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": desc}
     for code, desc in {
+        400: "malformed request (e.g. a Content-Length that is not a number)",
         404: "unknown study id",
         409: "state conflict / idempotency conflict",
-        422: "validation error (loc names the field)",
+        415: "the request body is not JSON",
+        422: "validation error, or a limit (trials per study, data directories); loc names the field",
         503: "Ray, MLflow or the store is unavailable",
     }.items()
 }

@@ -1,7 +1,8 @@
 """What the routes do: create / read / cancel / resume studies and reconcile their status with Ray.
 
 Status comes from three places: the store (our row), the Ray job of the study's current submission
-(PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED -> CANCELLED), and Optuna (trials). ``reconcile``
+(PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED -> CANCELLED; FAILED because the driver was killed or
+lost -> INTERRUPTED, see ``service.jobs.JobInfo.study_status``), and Optuna (trials). ``reconcile``
 folds the Ray job status into the row; it runs on every read and in a background loop (so a study
 finishes in the store even when nobody asks, also after an API restart).
 """
@@ -18,10 +19,11 @@ from typing import Any
 
 from service.api.backends import MlflowGateway, OptunaReader, StudyView, TrackingError
 from service.api.errors import ApiError, StateConflict
-from service.jobs import RAY_TO_STUDY, RayJobError, RayJobsClient, RayUnavailable, driver_entrypoint
+from service.jobs import RayJobError, RayJobsClient, RayUnavailable, driver_entrypoint
+from service.paths import PathNotAllowed, check_spec_paths
 from service.settings import Settings
 from service.spec import StudySpec
-from service.store import IdempotencyConflict, Study, StudyStatus, StudyStore, utcnow
+from service.store import ActiveLimitReached, IdempotencyConflict, Study, StudyStatus, StudyStore, utcnow
 
 log = logging.getLogger("service.api")
 
@@ -30,7 +32,9 @@ ACTIVE = {StudyStatus.PENDING, StudyStatus.RUNNING, StudyStatus.STOPPING}
 #: right after submission on a busy head.
 LOST_JOB_GRACE = timedelta(seconds=30)
 NEVER_SUBMITTED_GRACE = timedelta(seconds=120)
-MLFLOW_FINAL = {StudyStatus.SUCCEEDED: "FINISHED", StudyStatus.FAILED: "FAILED", StudyStatus.CANCELLED: "KILLED"}
+MLFLOW_FINAL = {StudyStatus.SUCCEEDED: "FINISHED", StudyStatus.FAILED: "FAILED", StudyStatus.CANCELLED: "KILLED",
+                StudyStatus.INTERRUPTED: "KILLED"}
+RESUMABLE = {st for st in StudyStatus if st.is_resumable}
 
 
 def submission_id_for(study_id: str, resume_count: int = 0) -> str:
@@ -57,6 +61,20 @@ def job_error_text(message: str | None, limit: int = 3000) -> str:
     return text if len(text) <= limit else head + "\n...\n" + text[-(limit - len(head) - 5) :]
 
 
+ACTIVE_RETRY_AFTER_S = 30
+
+
+def too_many_active(exc: ActiveLimitReached) -> ApiError:
+    return ApiError(
+        429,
+        f"{exc.active} studies are PENDING, RUNNING or STOPPING; this server runs at most {exc.limit} at once "
+        "(setting BONN_SWEEP_MAX_ACTIVE_STUDIES): retry when one has ended, or cancel one",
+        ["limits", "max_active_studies"],
+        "too_many_active_studies",
+        {"Retry-After": str(ACTIVE_RETRY_AFTER_S)},
+    )
+
+
 def _ms_to_dt(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
 
@@ -76,9 +94,29 @@ class StudyService:
         self.tracking = tracking
         self.trials = trials
 
+    # -- limits -----------------------------------------------------------------------------------
+    def check_trials(self, n: int, loc: list[Any]) -> None:
+        limit = self.settings.max_trials_per_study
+        if n > limit:
+            raise ApiError(
+                422,
+                f"num_trials={n} exceeds this server's limit of {limit} trials per study "
+                "(setting BONN_SWEEP_MAX_TRIALS_PER_STUDY)",
+                loc,
+                "limit_exceeded",
+            )
+
+    def check_paths(self, spec: StudySpec) -> None:
+        """422 naming the field for a path outside the data directories (service/paths.py)."""
+        try:
+            check_spec_paths(spec, self.settings.data_dirs or [])
+        except PathNotAllowed as exc:
+            raise ApiError(422, exc.msg, list(exc.loc), "path_not_allowed") from None
+
     # -- create -----------------------------------------------------------------------------------
     def create(self, spec: StudySpec, idempotency_key: str | None = None) -> tuple[Study, bool]:
-        """Store, track, submit. Returns ``(study, created)``; ``created`` is False for an idempotent replay."""
+        """Store, track, submit. Returns ``(study, created)``; ``created`` is False for an idempotent replay.
+        An idempotent replay is answered even when the limits have changed since (it creates nothing)."""
         h = request_hash(spec)
         if idempotency_key:
             existing = self.store.get_by_idempotency_key(idempotency_key)
@@ -86,13 +124,19 @@ class StudyService:
                 if existing.request_hash != h:
                     raise IdempotencyConflict(idempotency_key)
                 return existing, False
-        row, created = self.store.create(
-            name=spec.name,
-            spec_json=spec.canonical_json(),
-            num_trials=spec.budget.num_trials,
-            idempotency_key=idempotency_key,
-            request_hash=h,
-        )
+        self.check_trials(spec.budget.num_trials, ["body", "budget", "num_trials"])
+        self.check_paths(spec)
+        try:
+            row, created = self.store.create(
+                name=spec.name,
+                spec_json=spec.canonical_json(),
+                num_trials=spec.budget.num_trials,
+                idempotency_key=idempotency_key,
+                request_hash=h,
+                max_active=self.settings.max_active_studies,
+            )
+        except ActiveLimitReached as exc:
+            raise too_many_active(exc) from None
         if not created:  # lost a race to an identical request: that one submits
             return row, False
         try:
@@ -204,15 +248,19 @@ class StudyService:
     def resume(self, study_id: str, num_trials: int | None = None) -> Study:
         row = self.get(study_id)
         st = row.status_enum
-        if st not in (StudyStatus.CANCELLED, StudyStatus.FAILED):
-            raise StateConflict(f"study {study_id} is {st.value}; only CANCELLED or FAILED studies can be resumed")
+        if not st.is_resumable:
+            raise StateConflict(
+                f"study {study_id} is {st.value}; only CANCELLED, FAILED or INTERRUPTED studies can be resumed"
+            )
         if row.submission_id and row.submitted_at is not None:
             info = self.jobs.get(row.submission_id)
             if info is not None and not info.is_terminal:
                 raise StateConflict(f"the previous job {row.submission_id} is still {info.status}; retry when it ends")
         spec = StudySpec.model_validate_json(row.spec_json)
         target = row.num_trials
+        self.check_paths(spec)  # the data directories may have changed since the study was created
         if num_trials is not None:
+            self.check_trials(num_trials, ["body", "num_trials"])
             started = self.optuna_view(study_id).counts()["total"]
             if num_trials < started:
                 raise ApiError(
@@ -225,18 +273,22 @@ class StudyService:
         # new submission id at once (submitted_at unset until Ray accepted it), so that a reconcile
         # running meanwhile never applies the previous job's end to the resumed study.
         n = row.resume_count + 1 if row.submission_id else row.resume_count
-        updated = self.store.transition(
-            study_id,
-            {StudyStatus.CANCELLED, StudyStatus.FAILED},
-            status=StudyStatus.PENDING,
-            resume_count=n,
-            submission_id=submission_id_for(study_id, n),
-            submitted_at=None,
-            num_trials=target,
-            error=None,
-            finished_at=None,
-            ray_job_status=None,
-        )
+        try:
+            updated = self.store.transition(
+                study_id,
+                RESUMABLE,
+                max_active=self.settings.max_active_studies,
+                status=StudyStatus.PENDING,
+                resume_count=n,
+                submission_id=submission_id_for(study_id, n),
+                submitted_at=None,
+                num_trials=target,
+                error=None,
+                finished_at=None,
+                ray_job_status=None,
+            )
+        except ActiveLimitReached as exc:
+            raise too_many_active(exc) from None
         if updated is None:
             raise StateConflict(f"study {study_id} changed state concurrently; retry")
         try:
@@ -275,11 +327,11 @@ class StudyService:
                 return self._transition_final(row, StudyStatus.CANCELLED, None)
             return self._transition_final(
                 row,
-                StudyStatus.FAILED,
-                f"Ray job {row.submission_id} no longer exists (cluster restarted?); "
+                StudyStatus.INTERRUPTED,
+                f"interrupted: Ray job {row.submission_id} no longer exists (cluster restarted?); "
                 f"POST /studies/{row.id}/resume continues from the saved Tune state",
             )
-        target = StudyStatus(RAY_TO_STUDY.get(info.status, st.value))
+        target = StudyStatus(info.study_status or st.value)
         fields: dict[str, Any] = {"ray_job_status": info.status}
         if info.start_time and row.started_at is None and info.status != "PENDING":
             fields["started_at"] = _ms_to_dt(info.start_time)
@@ -287,6 +339,8 @@ class StudyService:
             err = None
             if target == StudyStatus.FAILED:
                 err = job_error_text(info.message)
+            elif target == StudyStatus.INTERRUPTED:
+                err = info.interruption_text(row.id)
             fields.update(finished_at=_ms_to_dt(info.end_time) or now)
             return self._transition_final(row, target, err, **fields)
         if st == StudyStatus.STOPPING:  # stays STOPPING until the job ends

@@ -3,9 +3,10 @@
 
 ``stack`` (session scope) exposes ``.api_url``, ``.ray_dashboard_url``, ``.ray_address`` (GCS address
 for ``ray.init(address=...)``), ``.mlflow_uri``, ``.home`` (str; ``.home_path`` a Path), ``.settings``
-(a :class:`service.settings.Settings` for this stack) and ``.env()`` (environment variables pointing
-at it). The stack is stopped even when tests fail; a watchdog process stops it if pytest itself is
-killed. Set ``BONN_SWEEP_TEST_STACK_HOME`` to reuse a stack started with ``bonn-sweep up`` (or a
+(a :class:`service.settings.Settings` for this stack), ``.env()`` (environment variables pointing
+at it, ``BONN_SWEEP_API_KEY`` included) and ``.api_key`` (the key :func:`start_stack` wrote to
+``{home}/api-key``; the ``api`` client sends it). The stack is stopped even when tests fail; a
+watchdog process stops it if pytest itself is killed. Set ``BONN_SWEEP_TEST_STACK_HOME`` to reuse a stack started with ``bonn-sweep up`` (or a
 previous run) in that home: it is then started if needed and left running.
 """
 
@@ -49,8 +50,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def api(stack: Stack) -> Iterator[httpx.Client]:
-    """An HTTP client of the stack's API."""
-    with httpx.Client(base_url=stack.api_url or "", timeout=60.0) as client:
+    """An HTTP client of the stack's API, sending the stack's API key."""
+    key = stack.api_key
+    assert key, f"start_stack wrote no API key to {stack.home}/api-key"
+    with httpx.Client(base_url=stack.api_url or "", timeout=60.0, headers={"Authorization": f"Bearer {key}"}) as client:
         yield client
 
 

@@ -124,7 +124,9 @@ def test_reconcile_after_api_restart(stack: Stack, api: httpx.Client) -> None:
 
 
 def test_cli_against_the_stack(stack: Stack, tmp_path: Path) -> None:
-    env = {**os.environ, "BONN_SWEEP_API_URL": stack.api_url or ""}
+    # the user's shell after `bonn-sweep up`: the CLI finds the key in the home, nothing copied
+    env = {**os.environ, "BONN_SWEEP_API_URL": stack.api_url or "", "BONN_SWEEP_HOME": stack.home}
+    env.pop("BONN_SWEEP_API_KEY", None)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

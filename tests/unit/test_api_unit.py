@@ -1,5 +1,6 @@
 """The API through TestClient, with Ray's Jobs API and MLflow replaced by stubs
-(``app.dependency_overrides``) and a real Optuna storage in a temporary SQLite file."""
+(``app.dependency_overrides``) and a real Optuna storage in a temporary SQLite file. The client sends
+an API key the settings accept (auth itself: tests/unit/test_security.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from service.api.study_service import StudyService, job_error_text, submission_i
 from service.jobs import JobInfo, RayJobError, RayUnavailable
 from service.settings import Settings
 from service.store import StudyStatus, utcnow
+
+API_KEY = "unit-test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 SPEC = {
     "name": "digits smoke",
@@ -66,9 +70,10 @@ class FakeJobs:
         self.stopped.append(submission_id)
         return True
 
-    def set(self, submission_id: str, status: str, message: str | None = None) -> None:
+    def set(self, submission_id: str, status: str, message: str | None = None, **extra: Any) -> None:
         self.jobs[submission_id] = JobInfo(submission_id, status, message=message, start_time=1_700_000_000_000,
-                                           end_time=1_700_000_100_000 if status in ("SUCCEEDED", "FAILED", "STOPPED") else None)
+                                           end_time=1_700_000_100_000 if status in ("SUCCEEDED", "FAILED", "STOPPED") else None,
+                                           **extra)
 
     def close(self) -> None:
         pass
@@ -104,12 +109,13 @@ class FakeTracking(MlflowGateway):
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[TestClient, FakeJobs, FakeTracking, Settings]]:
-    settings = Settings(home=tmp_path / "home", ray_dashboard_url="http://127.0.0.1:8265", driver_python="/py/bin/python")
+    settings = Settings(home=tmp_path / "home", ray_dashboard_url="http://127.0.0.1:8265", driver_python="/py/bin/python",
+                        api_keys=API_KEY)
     app = create_app(settings, reconcile=False, warm_up=False)
     jobs, tracking = FakeJobs(), FakeTracking()
     app.dependency_overrides[get_jobs] = lambda: jobs
     app.dependency_overrides[get_tracking] = lambda: tracking
-    with TestClient(app) as client:
+    with TestClient(app, headers=AUTH) as client:
         yield client, jobs, tracking, settings
 
 
@@ -269,7 +275,7 @@ def test_unexpected_error_is_json_503_not_500(env) -> None:
         raise ZeroDivisionError("bug")
 
     jobs.get = boom  # type: ignore[method-assign]
-    client_no_raise = TestClient(client.app, raise_server_exceptions=False)
+    client_no_raise = TestClient(client.app, raise_server_exceptions=False, headers=AUTH)
     r = client_no_raise.get(f"/studies/{sid}")
     assert r.status_code == 503
     assert "internal error (ZeroDivisionError)" in r.json()["detail"][0]["msg"]
@@ -352,14 +358,39 @@ def test_resume_when_ray_down_is_503_and_study_stays_failed(env) -> None:
     assert client.post(f"/studies/{sid}/resume").status_code == 200
 
 
-def test_lost_job_after_cluster_restart_fails_study(env) -> None:
+def test_lost_job_after_cluster_restart_interrupts_study(env) -> None:
     client, jobs, _, _ = env
     sid = post(client).json()["id"]
     service: StudyService = _service(client, jobs)
     service.store.update(sid, submitted_at=utcnow() - timedelta(minutes=5))
     jobs.jobs.clear()  # the head restarted: it knows no jobs
     body = client.get(f"/studies/{sid}").json()
-    assert body["status"] == "FAILED" and "no longer exists" in body["error"]
+    assert body["status"] == "INTERRUPTED" and "no longer exists" in body["error"]
+    assert client.post(f"/studies/{sid}/resume").status_code == 200
+
+
+@pytest.mark.parametrize(("exit_code", "error_type", "status", "says"), [
+    (-9, "JOB_ENTRYPOINT_COMMAND_ERROR", "INTERRUPTED", "killed by signal SIGKILL"),
+    (137, "JOB_ENTRYPOINT_COMMAND_ERROR", "INTERRUPTED", "killed by signal SIGKILL (exit code 137)"),
+    (None, "JOB_SUPERVISOR_ACTOR_DIED", "INTERRUPTED", "lost (JOB_SUPERVISOR_ACTOR_DIED)"),
+    (1, "JOB_ENTRYPOINT_COMMAND_ERROR", "FAILED", "exit code 1"),  # the driver failed the study itself
+])
+def test_killed_driver_interrupts_study_and_resume_continues_it(env, exit_code, error_type, status, says) -> None:
+    client, jobs, tracking, _ = env
+    sid = post(client).json()["id"]
+    sub = submission_id_for(sid)
+    jobs.set(sub, "RUNNING")
+    jobs.set(sub, "FAILED", message=f"Job entrypoint command failed with exit code {exit_code}",
+             driver_exit_code=exit_code, error_type=error_type)
+    body = client.get(f"/studies/{sid}").json()
+    assert body["status"] == status and says in body["error"], body["error"]
+    assert tracking.statuses["run0"] == ["KILLED" if status == "INTERRUPTED" else "FAILED"]
+    if status == "INTERRUPTED":
+        assert f"POST /studies/{sid}/resume" in body["error"]
+    assert client.post(f"/studies/{sid}/cancel").status_code == 409
+    r = client.post(f"/studies/{sid}/resume")
+    assert r.status_code == 200 and r.json()["status"] == "PENDING" and r.json()["resume_count"] == 1, r.text
+    assert json.loads(jobs.submitted[-1]["runtime_env"]["env_vars"]["BONN_SWEEP_JOB"])["resume"] is True
 
 
 def test_reconcile_active_moves_studies_without_reads(env) -> None:
@@ -484,8 +515,8 @@ def test_api_process_never_imports_ray(tmp_path: Path) -> None:
         "from service.api.app import create_app\n"
         "from service.settings import Settings\n"
         f"s = Settings(home={str(tmp_path / 'h')!r}, ray_dashboard_url='http://127.0.0.1:9', "
-        "mlflow_tracking_uri='http://127.0.0.1:9')\n"
-        "with TestClient(create_app(s, reconcile=False)) as c:\n"
+        "mlflow_tracking_uri='http://127.0.0.1:9', api_keys='k')\n"
+        "with TestClient(create_app(s, reconcile=False), headers={'Authorization': 'Bearer k'}) as c:\n"
         "    assert c.get('/healthz').status_code == 503\n"
         "    assert c.post('/studies', json={'name': 'x', 'search_space': 'digits-smoke'}).status_code == 201\n"
         "print('ray' in sys.modules)\n"

@@ -25,8 +25,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
-# The two required secrets (`${VAR:?...}` in the file); any values do for validation.
-REQUIRED_ENV = {"POSTGRES_PASSWORD": "0123456789abcdef", "RAY_AUTH_TOKEN": "fedcba9876543210" * 4}
+# The required secrets (`${VAR:?...}` in the file); any values do for validation.
+API_KEY = "a1b2c3d4e5f60718" * 4
+REQUIRED_ENV = {"POSTGRES_PASSWORD": "0123456789abcdef", "RAY_AUTH_TOKEN": "fedcba9876543210" * 4,
+                "BONN_SWEEP_API_KEY": API_KEY}
 PROJECT_SERVICES = ("mlflow", "ray-head", "ray-worker", "api")  # the ones built from docker/Dockerfile
 SHARED_USERS = ("api", "ray-head", "ray-worker", "mlflow")
 
@@ -267,3 +269,45 @@ def test_unknown_dependency_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "docker-compose.yml").write_text(broken)
     r = compose_config(tmp_path / "docker-compose.yml", "--quiet")
     assert r.returncode != 0 and "ray-hed" in r.stderr, r.stderr
+
+
+def test_api_key_reaches_the_api_only_as_a_secret(model: dict, services: dict) -> None:
+    """The API key is a Docker secret of the api container (a file under /run/secrets), read through
+    BONN_SWEEP_API_KEYS_FILE; no service gets it as an environment variable, ray-head and the workers
+    (which run trial code) not at all."""
+    secret = model["secrets"]["bonn_sweep_api_key"]
+    assert secret.get("environment") == "BONN_SWEEP_API_KEY"
+    api = services["api"]
+    (mount,) = api["secrets"]
+    assert mount["source"] == "bonn_sweep_api_key"
+    target = mount.get("target") or mount["source"]
+    path = target if target.startswith("/") else f"/run/secrets/{target}"
+    assert api["environment"]["BONN_SWEEP_API_KEYS_FILE"] == path
+    for name, svc in services.items():
+        if name != "api":
+            assert not svc.get("secrets"), f"{name} must not see the API key"
+        env = svc.get("environment") or {}
+        assert "BONN_SWEEP_API_KEY" not in env and "BONN_SWEEP_API_KEYS" not in env, name
+        assert API_KEY not in json.dumps(env) + json.dumps(svc.get("command") or []), name
+
+
+def test_api_requires_keys_for_reads_and_confines_data_paths(services: dict) -> None:
+    env = services["api"]["environment"]
+    assert env["BONN_SWEEP_API_AUTH_READS"] == "true"
+    from service.settings import Settings
+
+    settings = Settings(data_dirs=env["BONN_SWEEP_DATA_DIRS"], home="/shared/bonn-sweep")
+    assert [str(d) for d in settings.data_dirs] == ["/shared/data"]
+    assert env["BONN_SWEEP_DATA_DIRS"].startswith(_shared_mount(services["api"])[1])
+    for s in ("ray-head", "ray-worker"):
+        assert services[s]["environment"]["BONN_SWEEP_DATA_DIRS"] == env["BONN_SWEEP_DATA_DIRS"]
+
+
+def test_api_command_target_is_importable() -> None:
+    """`uvicorn service.api.app:app`: the module builds the app from the environment on access."""
+    import importlib
+
+    from fastapi import FastAPI
+
+    module = importlib.import_module("service.api.app")
+    assert isinstance(getattr(module, "app"), FastAPI)

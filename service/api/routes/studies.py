@@ -25,6 +25,8 @@ from service.api.schemas import (
 from service.api.study_service import StudyService
 from service.store import Study, StudyStatus
 
+MAX_OFFSET = 2**31 - 1  # far beyond any page; bigger ones overflowed SQLite's INTEGER (found by schemathesis)
+
 router = APIRouter(prefix="/studies", tags=["studies"], responses=ERROR_RESPONSES)
 
 
@@ -53,6 +55,8 @@ IdempotencyKey = Annotated[
     response_model=StudyPublic,
     dependencies=[Depends(require_json)],
     summary="Create a study and submit it as a Ray job",
+    responses={200: {"model": StudyPublic, "description": "an idempotent replay: the study the first request "
+                                                          "with this Idempotency-Key created (nothing new)"}},
 )
 def create_study(
     spec: StudyCreate, service: StudyServiceDep, response: Response, idempotency_key: IdempotencyKey = None
@@ -69,7 +73,7 @@ def list_studies(
     service: StudyServiceDep,
     status_: Annotated[StudyStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> StudiesPublic:
     rows, total = service.list(status=status_, limit=limit, offset=offset)
     return StudiesPublic(data=[study_summary(service, r) for r in rows], count=total, limit=limit, offset=offset)
@@ -100,7 +104,7 @@ def cancel_study(study_id: str, service: StudyServiceDep) -> StudyPublic:
 @router.post(
     "/{study_id}/resume",
     response_model=StudyPublic,
-    summary="Resubmit a CANCELLED or FAILED study with the same Tune state, Optuna study and MLflow run",
+    summary="Resubmit a CANCELLED, FAILED or INTERRUPTED study with the same Tune state, Optuna study and MLflow run",
 )
 def resume_study(
     study_id: str, service: StudyServiceDep, body: Annotated[ResumeRequest | None, Body()] = None
@@ -191,6 +195,7 @@ def trial_public(t: TrialView) -> TrialPublic:
         last_value=_num(a["last_value"]),
         checkpoint_uri=a["checkpoint_uri"],
         stop_reason=a["stop_reason"],
+        error=a["error"],
         datetime_start=t.datetime_start,
         datetime_complete=t.datetime_complete,
         duration_s=t.duration_s,
