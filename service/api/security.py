@@ -86,7 +86,8 @@ class TokenBucket:
 class KeyProvider:
     """The accepted keys: the store's ``api_keys`` table (cached ``api_key_cache_s``: a revoked key
     works that much longer) plus the entries of ``api_keys`` / ``api_keys_file`` (read once). An
-    unknown key reloads the table (at most once a second), so a new key works at once."""
+    unknown key reloads the table (at most once a second; see :meth:`refresh_on_miss`), so a new key
+    works within a second."""
 
     def __init__(self, settings: Settings, store_getter: Callable[[], Any]) -> None:
         self.settings = settings
@@ -127,15 +128,23 @@ class KeyProvider:
                 self._loaded_at = now
             return self._ring
 
-    def refresh_on_miss(self, min_age_s: float = 1.0) -> KeyRing | None:
-        """A reload for a key the cache does not know (created since): at most once per ``min_age_s``,
-        so that requests with bad keys cannot hammer the store. None if the cache is younger."""
+    def refresh_on_miss(self, min_age_s: float = 1.0) -> KeyRing:
+        """A reload for a key the cache does not know (perhaps created since it was loaded).
+
+        Reloads happen at most once per ``min_age_s``, so that requests with bad keys cannot hammer
+        the store: a miss within ``min_age_s`` of the last reload waits for the next one (in a worker
+        thread, without holding the lock), and a reload that happened meanwhile is shared.
+        """
+        asked = time.monotonic()
         with self._lock:
-            now = time.monotonic()
-            if self._ring is not None and now - self._loaded_at < min_age_s:
-                return None
+            wait = self._loaded_at + min_age_s - asked
+        if wait > 0:
+            time.sleep(wait)
+        with self._lock:
+            if self._ring is not None and self._loaded_at >= asked:
+                return self._ring
             self._ring = self._load()
-            self._loaded_at = now
+            self._loaded_at = time.monotonic()
             return self._ring
 
 
@@ -179,8 +188,8 @@ class SecurityMiddleware:
                 return
             ring = self.keys.cached() or await anyio.to_thread.run_sync(self.keys.ring)
             entry = ring.verify(token)
-            if entry is None and (fresh := await anyio.to_thread.run_sync(self.keys.refresh_on_miss)) is not None:
-                entry = fresh.verify(token)  # a key created since the cache was loaded
+            if entry is None:  # perhaps a key created since the cache was loaded
+                entry = (await anyio.to_thread.run_sync(self.keys.refresh_on_miss)).verify(token)
             if entry is None:
                 await _error(403, ["header", "Authorization"], "the API key is not valid (unknown or revoked)",
                              "invalid_api_key")(scope, receive, send)

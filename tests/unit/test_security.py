@@ -485,3 +485,27 @@ def test_new_store_key_works_without_waiting_for_the_cache(tmp_path: Path) -> No
         assert client.post("/studies/x/cancel", headers=auth(key)).status_code == 404
         client.app.state.store.revoke_api_key(key_id)  # revocation waits for the cache (600 s here)
         assert client.post("/studies/x/cancel", headers=auth(key)).status_code == 404
+
+
+def test_a_key_created_right_after_a_reload_is_accepted_by_the_next_miss():
+    """An unknown key within a second of the last reload waits for the next reload (not a 403)."""
+    import time as _time
+    from types import SimpleNamespace
+
+    from service.api.security import KeyProvider
+    from service.auth import hash_key, key_id_of, new_key
+
+    rows: list = []
+
+    class Store:
+        def list_api_keys(self, include_revoked=False):
+            return list(rows)
+
+    kp = KeyProvider(SimpleNamespace(api_keys=None, api_keys_file=None, api_key_cache_s=5.0), lambda: Store())
+    assert kp.ring().verify("bsk_0_x") is None  # loaded now
+    key = new_key()[1]
+    rows.append(SimpleNamespace(id=key_id_of(key), sha256=hash_key(key), name="new"))
+    assert kp.cached() is not None and kp.cached().verify(key) is None  # the cache predates the key
+    t0 = _time.monotonic()
+    assert kp.refresh_on_miss(min_age_s=0.3).verify(key) is not None
+    assert _time.monotonic() - t0 >= 0.25, "a miss right after a reload waits for the next one"
