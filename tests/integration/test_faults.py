@@ -102,6 +102,18 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return out
 
 
+def succeeded(stack: Stack, api: httpx.Client, sid: str, *markers: str, finished: int, epochs: int,
+              errored: int = 0) -> tuple[dict, str]:
+    """Wait for the study to end; it must have SUCCEEDED, its driver log must hold every marker, and
+    every trial must be accounted for (:func:`check_accounting`). Returns (the study, the driver log)."""
+    body = wait_for_status(api, sid, FINAL, timeout=300)
+    logs = jobs_of(stack).get_job_logs(body["submission_id"])
+    assert body["status"] == "SUCCEEDED", (body.get("error"), logs[-5000:])
+    for m in markers:
+        assert m in logs, (m, logs[-5000:])
+    return check_accounting(stack, api, sid, finished=finished, epochs=epochs, errored=errored), logs
+
+
 def check_accounting(stack: Stack, api: httpx.Client, sid: str, *, finished: int, epochs: int,
                      errored: int = 0) -> dict:
     """Every trial accounted for, and the three sources agree:
@@ -213,11 +225,7 @@ def test_driver_killed_mid_sweep_is_interrupted_and_resume_finishes_it(stack: St
     r = api.post(f"/studies/{sid}/resume")
     assert r.status_code == 200, r.text
     assert r.json()["submission_id"] == f"bonn-sweep-{sid}-r1"
-    body = wait_for_status(api, sid, FINAL, timeout=300)
-    logs = jobs.get_job_logs(body["submission_id"])
-    assert body["status"] == "SUCCEEDED", (body.get("error"), logs[-5000:])
-    assert "restoring Tune state" in logs and "searcher restored" in logs, logs[-5000:]
-    body = check_accounting(stack, api, sid, finished=n, epochs=epochs)
+    body, _ = succeeded(stack, api, sid, "restoring Tune state", "searcher restored", finished=n, epochs=epochs)
     print(f"[faults] driver kill: SUCCEEDED after resume, {time.monotonic() - t0:.1f}s in all; "
           f"trials {body['trial_counts']}")
 
@@ -293,11 +301,8 @@ def test_trial_worker_killed_resumes_from_its_checkpoint(stack: Stack, api: http
     print(f"\n[faults] trial {tid}'s worker (pid {last['pid']}) SIGKILLed after epoch {last['epoch']}, "
           f"{time.monotonic() - t0:.1f}s after POST")
 
-    body = wait_for_status(api, sid, FINAL, timeout=300)
-    logs = jobs_of(stack).get_job_logs(body["submission_id"])
-    assert body["status"] == "SUCCEEDED", (body.get("error"), logs[-5000:])
-    assert "retrying from its last checkpoint" in logs and "[resume] from" in logs, logs[-5000:]
-    check_accounting(stack, api, sid, finished=n, epochs=epochs)
+    body, logs = succeeded(stack, api, sid, "retrying from its last checkpoint", "[resume] from", finished=n,
+                        epochs=epochs)
 
     # the killed trial: retried once, resumed from a checkpoint (not from epoch 1), one MLflow run
     head, sep, tail = logs.partition(f"trial train_bonn_{tid} failed (failure 1), retrying")
@@ -328,10 +333,7 @@ def test_diverging_trial_errors_with_its_reason_and_the_study_goes_on(stack: Sta
     n, epochs = 3, 3
     t0 = time.monotonic()
     sid = post(api, study_spec("faults diverge", trials=n, epochs=epochs, batch_size=64, space=space))
-    body = wait_for_status(api, sid, FINAL, timeout=300)
-    logs = jobs_of(stack).get_job_logs(body["submission_id"])
-    assert body["status"] == "SUCCEEDED", (body.get("error"), logs[-5000:])
-    check_accounting(stack, api, sid, finished=n - 1, epochs=epochs, errored=1)
+    succeeded(stack, api, sid, finished=n - 1, epochs=epochs, errored=1)
 
     (bad,) = [t for t in api_trials(api, sid) if t["state"] == "FAIL"]
     assert bad["params"]["lr"] == 1.0e6 and bad["stop_reason"] == "error"
@@ -383,10 +385,6 @@ def test_mlflow_down_30s_mid_sweep_loses_nothing(stack: Stack, api: httpx.Client
     print(f"[faults] MLflow back {time.monotonic() - t_down:.1f}s after the kill; epochs reported by then "
           f"{epochs_in_outage}")
 
-    body = wait_for_status(api, sid, FINAL, timeout=300)
-    logs = jobs_of(stack).get_job_logs(body["submission_id"])
-    assert body["status"] == "SUCCEEDED", (body.get("error"), logs[-5000:])
-    assert "unreachable" in logs and "reachable again" in logs, logs[-5000:]
-    check_accounting(stack, api, sid, finished=n, epochs=epochs)  # every epoch and checkpoint once
-    assert body["registered_model"]
+    body, _ = succeeded(stack, api, sid, "unreachable", "reachable again", finished=n, epochs=epochs)
+    assert body["registered_model"]  # and every epoch and checkpoint reached MLflow once
     print(f"[faults] MLflow outage: SUCCEEDED, nothing lost, {time.monotonic() - t0:.1f}s in all")
