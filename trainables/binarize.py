@@ -114,18 +114,13 @@ class SignSTE(torch.autograd.Function):
         return clipped_grad(grad_out, x)
 
 
-class ApproxSignSTE(torch.autograd.Function):
+class ApproxSignSTE(SignSTE):
     """Activation binarizer with Bi-Real Net's ApproxSign pseudo-gradient.
 
-    Forward:  ``y = sign(x)`` (``sign(0) = +1``).
+    Forward:  ``y = sign(x)`` (``sign(0) = +1``; :class:`SignSTE`'s forward).
     Backward: ``dL/dx = dL/dy * (2 - 2|x|) * 1{|x| <= 1}`` (derivative of the piecewise quadratic
     ApproxSign of Bi-Real Net; larq ``approx_sign``).
     """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return sign(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
