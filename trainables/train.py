@@ -353,6 +353,7 @@ class Trainer:
         self._zero = torch.zeros((), device=device)
         self._graphs: dict[tuple, _CapturedStep] = {}
         self._graph_seen: dict[tuple, int] = {}
+        self._side_stream = None  # the warm-up steps' stream, made on first use
         self.graph_warmup = 3
         self.graph_failed: str | None = None
         self.reset_sums()
@@ -488,10 +489,12 @@ class Trainer:
             cap.graph.replay()
             return
         seen = self._graph_seen.get(key, 0)
-        if seen < self.graph_warmup or self.graph_failed:
+        if seen < self.graph_warmup:
             self._graph_seen[key] = seen + 1
             # Eager steps before a capture run on a side stream (lazy initialisation, cuDNN autotuning).
-            side = torch.cuda.Stream(self.device)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            side = self._side_stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -507,8 +510,8 @@ class Trainer:
             self.graph_failed = f"{type(exc).__name__}: {exc}"
             if self.log is not None:
                 self.log(f"[I] cuda_graph: capture failed, training eagerly ({self.graph_failed})")
+            self.use_graph = False  # every later step is a plain eager one
             torch.cuda.synchronize(self.device)
-            self.optimizer.zero_grad(set_to_none=True)
             self._step(x, y)
             return
         self._graphs[key] = cap
