@@ -45,6 +45,14 @@ def wait_job(jobs: JobSubmissionClient, job_id: str, timeout: float = 400.0) -> 
     raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{jobs.get_job_logs(job_id)[-4000:]}")
 
 
+def run_driver_job(jobs: JobSubmissionClient, payload: dict, suffix: str = "",
+                   timeout: float = 400.0) -> tuple[JobStatus, str]:
+    """Submit the driver job and wait for its end: ``(terminal status, job log)``."""
+    job = submit_driver_job(jobs, payload, suffix)
+    status = wait_job(jobs, job, timeout)
+    return status, jobs.get_job_logs(job)
+
+
 def job_payload(spec_dict: dict, *, mlflow_uri: str, optuna_storage: str, tune_storage: str,
                 id_prefix: str) -> dict:
     """A validated StudySpec, its MLflow experiment and parent run, and the ``BONN_SWEEP_JOB`` payload

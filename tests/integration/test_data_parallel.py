@@ -32,7 +32,7 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-from tests.integration.driver_jobs import job_payload, submit_driver_job, wait_job  # noqa: E402
+from tests.integration.driver_jobs import job_payload, run_driver_job  # noqa: E402
 
 EPOCHS = 4
 NUM_TRIALS = 2
@@ -57,10 +57,8 @@ def test_data_parallel_trial_two_gloo_workers(cluster):
     jobs = JobSubmissionClient(cluster.dashboard)
     payload = _payload(cluster, "dp it digits")
     t0 = time.monotonic()
-    job = submit_driver_job(jobs, payload)
-    status = wait_job(jobs, job)
+    status, logs = run_driver_job(jobs, payload)
     wall = time.monotonic() - t0
-    logs = jobs.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-6000:]
     print(f"\n[test_data_parallel] study wall {wall:.1f}s (submit -> SUCCEEDED)")
     assert "gpu=0 x2" in logs  # the driver's resource line: 2 workers per trial

@@ -30,7 +30,13 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-from tests.integration.driver_jobs import TERMINAL, job_payload, submit_driver_job, wait_job  # noqa: E402
+from tests.integration.driver_jobs import (  # noqa: E402
+    TERMINAL,
+    job_payload,
+    run_driver_job,
+    submit_driver_job,
+    wait_job,
+)
 
 EPOCHS = 3
 
@@ -80,10 +86,8 @@ def timing_lines(logs: str) -> str:
 def test_digits_study_asha_end_to_end(cluster, jobs):
     payload = make_payload(cluster, "driver it digits")
     t0 = time.monotonic()
-    job = submit_driver_job(jobs, payload)
-    status = wait_job(jobs, job)
+    status, logs = run_driver_job(jobs, payload)
     wall = time.monotonic() - t0
-    logs = jobs.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-6000:]
     print(f"\n[test_driver] study wall {wall:.1f}s (submit -> SUCCEEDED)\n{timing_lines(logs)}")
     assert "trial train_bonn_" in logs and "SUCCEEDED" in logs
@@ -182,9 +186,7 @@ def test_cancel_then_resume_with_more_trials(cluster, jobs):
 
     # resume: same Tune state, Optuna study and parent run; one more trial than first requested
     resumed = {**payload, "resume": True, "num_trials": 5}
-    job2 = submit_driver_job(jobs, resumed, "-b")
-    status = wait_job(jobs, job2)
-    logs2 = jobs.get_job_logs(job2)
+    status, logs2 = run_driver_job(jobs, resumed, "-b")
     assert status == JobStatus.SUCCEEDED, logs2[-6000:]
     assert "restoring Tune state" in logs2
     print(timing_lines(logs2))
@@ -212,9 +214,7 @@ def test_failure_limit_fails_the_study(cluster, jobs):
     payload = make_payload(cluster, "driver it failing", num_trials=3,
                            base={"dataset": "npz", "data_root": "/nonexistent/bonn-sweep-test.npz"},
                            max_failed_trials=0, max_concurrent_trials=1)
-    job = submit_driver_job(jobs, payload)
-    status = wait_job(jobs, job)
-    logs = jobs.get_job_logs(job)
+    status, logs = run_driver_job(jobs, payload)
     assert status == JobStatus.FAILED, logs[-4000:]
     assert "more than 0 trials failed" in logs and "retrying from its last checkpoint" in logs
 
