@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         pr.join()
     wall = (time.time() - t0) / 60
 
-    lines = [f"| row | test acc (%) | best val acc (%) | paper (%) | epochs | seed | minutes |",
+    lines = ["| row | test acc (%) | best val acc (%) | paper (%) | epochs | seed | minutes |",
              "|---|---|---|---|---|---|---|"]
     results = {}
     for r in rows:

@@ -134,7 +134,7 @@ def test_create_submits_job_with_contract_payload(env) -> None:
     sid = body["id"]
     assert body["status"] == "PENDING" and body["name"] == "digits smoke"
     assert r.headers["location"] == f"/studies/{sid}"
-    assert body["links"]["mlflow_run"] == f"http://127.0.0.1:5000/#/experiments/7/runs/run0"
+    assert body["links"]["mlflow_run"] == "http://127.0.0.1:5000/#/experiments/7/runs/run0"
     assert body["links"]["ray_job"] == f"http://127.0.0.1:8265/#/jobs/bonn-sweep-{sid}"
 
     (sub,) = jobs.submitted
