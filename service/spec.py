@@ -40,6 +40,7 @@ ObjectiveMetric = Literal[
     "kernel_loss",
     "feature_loss",
     "bimodality",
+    "flip_frac",
     "images_per_s",
 ]
 OBJECTIVE_METRICS: tuple[str, ...] = get_args(ObjectiveMetric)

@@ -99,6 +99,8 @@ NON_METRIC_KEYS = frozenset(
     }
 )
 CHECKPOINT_FILES = ("checkpoint.pt",)
+#: per-epoch metrics also kept as trial attributes (the API's trial view shows the last value)
+DYNAMICS_ATTRS = ("flip_frac", "flip_frac_init", "bimodality")
 PLOT_GLOB = "*.png"
 UPLOAD_POLICIES = ("all", "improved", "none")
 MAX_OP_TRIES = 5  # a queued run update that fails this often against a server that answers is dropped
@@ -613,6 +615,10 @@ class MLflowStudyCallback(Callback):
         self._sync(rec)
         rec["epochs_done"] = max(rec["epochs_done"], epoch)
         attrs: dict[str, Any] = {"epochs_done": rec["epochs_done"]}
+        for key in DYNAMICS_ATTRS:  # the learning dynamics a user checks first (trainables.dynamics)
+            v = finite(result.get(key))
+            if v is not None:
+                attrs[key] = v
         if value is not None:
             rec["last_value"] = value
             attrs["last_value"] = value

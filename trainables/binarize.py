@@ -17,6 +17,9 @@ arXiv 1603.05279.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 __all__ = [
@@ -81,15 +84,17 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, one, minus_one)
 
 
-def _clip_hi(dtype: torch.dtype) -> float:
-    # The smallest value above 1 in the precision the comparison runs in (float64, else float32
-    # opmath), so that hardtanh_backward's exclusive test |x| < hi is exactly |x| <= 1.
-    return 1.0 + 2.0**-52 if dtype == torch.float64 else 1.0 + 2.0**-23
+def _clip_hi(dtype: torch.dtype, clip: float = 1.0) -> float:
+    # The smallest value above ``clip`` in the precision the comparison runs in (float64, else float32
+    # opmath), so that hardtanh_backward's exclusive test |x| < hi is exactly |x| <= clip.
+    if dtype == torch.float64:
+        return math.nextafter(float(clip), math.inf)
+    return float(np.nextafter(np.float32(clip), np.float32(np.inf)))
 
 
-def clipped_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad * 1{|x| <= 1}`` in one kernel (``aten.hardtanh_backward`` with bounds just beyond +-1)."""
-    hi = _clip_hi(x.dtype)
+def clipped_grad(grad: torch.Tensor, x: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    """``grad * 1{|x| <= clip}`` in one kernel (``aten.hardtanh_backward`` with bounds just beyond +-clip)."""
+    hi = _clip_hi(x.dtype, clip)
     return torch.ops.aten.hardtanh_backward(grad, x, -hi, hi)
 
 
@@ -97,48 +102,51 @@ class SignSTE(torch.autograd.Function):
     """Activation binarizer with the clipped straight-through estimator.
 
     Forward:  ``y = sign(x)`` (``sign(0) = +1``).
-    Backward: ``dL/dx = dL/dy * 1{|x| <= 1}`` (hard-tanh STE).
+    Backward: ``dL/dx = dL/dy * 1{|x| <= c}`` (hard-tanh STE; ``c`` = ``clip``, default 1, config
+    ``act_clip``).
 
     Source: BNN (Courbariaux et al. 2016, arXiv 1602.02830); the BONN first author's CUDA extension
     (jxgu1016/BinActivateFunc_PyTorch) uses the same rule for activations.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
         ctx.save_for_backward(x)
+        ctx.clip = float(clip)
         return sign(x)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return clipped_grad(grad_out, x)
+        return clipped_grad(grad_out, x, ctx.clip), None
 
 
 class ApproxSignSTE(SignSTE):
     """Activation binarizer with Bi-Real Net's ApproxSign pseudo-gradient.
 
     Forward:  ``y = sign(x)`` (``sign(0) = +1``; :class:`SignSTE`'s forward).
-    Backward: ``dL/dx = dL/dy * (2 - 2|x|) * 1{|x| <= 1}`` (derivative of the piecewise quadratic
-    ApproxSign of Bi-Real Net; larq ``approx_sign``).
+    Backward: ``dL/dx = dL/dy * (2/c - 2|x|/c^2) * 1{|x| <= c}`` (derivative of the piecewise quadratic
+    ApproxSign of Bi-Real Net stretched to [-c, c]; ``c = 1`` is larq's ``approx_sign``).
     """
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return grad_out * (2.0 - 2.0 * x.abs()).clamp_(min=0.0)
+        c = ctx.clip
+        return grad_out * (2.0 / c - (2.0 / (c * c)) * x.abs()).clamp_(min=0.0), None
 
 
 #: Names accepted by :func:`binarize_activation` (``act_ste`` of the binary conv layers).
 ACT_STES = {"clipped": SignSTE, "approx_sign": ApproxSignSTE}
 
 
-def binarize_activation(x: torch.Tensor, act_ste: str = "clipped") -> torch.Tensor:
+def binarize_activation(x: torch.Tensor, act_ste: str = "clipped", clip: float = 1.0) -> torch.Tensor:
     """``sign(x)`` with the pseudo-gradient named by ``act_ste`` (``"clipped"`` | ``"approx_sign"``)."""
     try:
         fn = ACT_STES[act_ste]
     except KeyError:
         raise ValueError(f"act_ste: must be one of {sorted(ACT_STES)} (got {act_ste!r})") from None
-    return fn.apply(x)
+    return fn.apply(x, clip)
 
 
 def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -157,7 +165,8 @@ class BonnWeightBinarize(torch.autograd.Function):
     all elements, so inference needs one scalar per layer.
 
     Backward (the full ``w``, not its mean, is used, "asynchronously" with the forward pass), with
-    ``G = dL_S/dX_hat`` and ``M = 1{-1 <= w * X <= 1}`` (``w`` broadcast over all kernels):
+    ``G = dL_S/dX_hat`` and ``M = 1{-1 <= w * X <= 1}`` (``w`` broadcast over all kernels; the bound 1 is
+    the paper's, ``clip`` = config ``ste_clip`` generalises it to ``|w X| <= clip``):
 
     * BONN Eq. 12: ``dL_S/dX = G * M * w``.
     * BONN Eq. 15: ``dL_S/dw = sum over all kernels i (and input channels n when w is (k, k)) of
@@ -167,8 +176,9 @@ class BonnWeightBinarize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, X: torch.Tensor, w: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
         ctx.save_for_backward(X, w)
+        ctx.clip = float(clip)
         wbar = w.mean()
         if wbar.dtype != X.dtype:
             wbar = wbar.to(X.dtype)
@@ -178,17 +188,17 @@ class BonnWeightBinarize(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         X, w = ctx.saved_tensors
         gX = gw = None
-        gm = clipped_grad(grad_out, w * X)  # G * 1{-1 <= w X <= 1}
+        gm = clipped_grad(grad_out, w * X, ctx.clip)  # G * 1{-1 <= w X <= 1}
         if ctx.needs_input_grad[0]:
             gX = gm * w
         if ctx.needs_input_grad[1]:
             gw = _reduce_to(gm * X, w.shape)
-        return gX, gw
+        return gX, gw, None
 
 
-def bonn_binarize(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def bonn_binarize(X: torch.Tensor, w: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
     """Functional form of :class:`BonnWeightBinarize`."""
-    return BonnWeightBinarize.apply(X, w)
+    return BonnWeightBinarize.apply(X, w, clip)
 
 
 class XnorWeightBinarize(torch.autograd.Function):
@@ -197,24 +207,26 @@ class XnorWeightBinarize(torch.autograd.Function):
     Forward:  ``W_b = alpha * sign(W)`` with ``alpha_o = mean(|W_o|)`` over ``(C_in, k, k)`` of
     output channel ``o`` (XNOR-Net's BWN scale per filter; ReActNet/Bi-Real ``HardBinaryConv``).
 
-    Backward: ``dL/dW = dL/dW_b * alpha * 1{|W| <= 1}`` — ``alpha`` is a detached constant (no
+    Backward: ``dL/dW = dL/dW_b * alpha * 1{|W| <= c}`` (``c`` = ``clip``, default 1, config
+    ``ste_clip``) — ``alpha`` is a detached constant (no
     gradient through the scale, as in Bi-Real ``scaling_factor.detach()`` and larq
     ``MagnitudeAwareSign``) and ``sign`` uses the clipped STE on the latent weight.
     """
 
     @staticmethod
-    def forward(ctx, W: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, W: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
         dims = tuple(range(1, W.dim()))
         alpha = W.abs().mean(dim=dims, keepdim=True)
         ctx.save_for_backward(W, alpha)
+        ctx.clip = float(clip)
         return torch.where(W >= 0, alpha, -alpha)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_out: torch.Tensor):
         W, alpha = ctx.saved_tensors
-        return clipped_grad(grad_out, W) * alpha
+        return clipped_grad(grad_out, W, ctx.clip) * alpha, None
 
 
-def xnor_binarize(W: torch.Tensor) -> torch.Tensor:
+def xnor_binarize(W: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
     """Functional form of :class:`XnorWeightBinarize`: ``mean|W_o| * sign(W)`` per output channel."""
-    return XnorWeightBinarize.apply(W)
+    return XnorWeightBinarize.apply(W, clip)

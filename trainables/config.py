@@ -41,13 +41,14 @@ MODELS = ("small_cnn", "wrn22", "resnet18")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "npz", "imagefolder")
 BINARIZE = ("bonn", "xnor", "none")
 SCHEDULES = ("step", "cosine")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SHORTCUTS = ("fp_1x1", "avgpool_pad")
 MU_SIGMA_UPDATES = ("sgd", "closed_form")
 DEVICES = ("auto", "cpu", "cuda")
 #: block styles per model; the first one is the model's default
 BLOCK_STYLES = {
     "small_cnn": ("plain",),
-    "wrn22": ("preact",),
+    "wrn22": ("preact", "bireal_per_conv"),
     "resnet18": ("bireal_per_conv", "two_conv_hardtanh"),
 }
 
@@ -63,6 +64,10 @@ class TrainConfig:
     lr_slow_ratio: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    adam_beta2: float = 0.999
+    latent_lr_ratio: float = 1.0
+    latent_weight_decay: float | None = None
     schedule: str = "step"
     lr_milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
     lr_gamma: float = 0.2
@@ -70,6 +75,11 @@ class TrainConfig:
     feature_loss_start_epoch: int = 0
     center_lr: float = 0.5
     mu_sigma_update: str = "sgd"
+    # binary layers: initialisation and straight-through estimators (choices the paper leaves open)
+    latent_init_scale: float = 1.0
+    w_init: float | str = "mean_abs"
+    ste_clip: float = 1.0
+    act_clip: float = 1.0
     # network
     model: str = "small_cnn"
     width: int = 16
@@ -253,6 +263,20 @@ def _hist_epochs(name, v):
     return tuple(sorted(set(out)))
 
 
+def _optional_ge0(name, v):
+    if v is None:
+        return None
+    return _ge(0)(name, v)
+
+
+def _w_init(name, v):
+    if v == "mean_abs":
+        return v
+    if _is_real(v) and math.isfinite(float(v)) and float(v) > 0:
+        return float(v)
+    raise ConfigError(name, "must be 'mean_abs' or a number > 0", v)
+
+
 def _block_style(name, v):  # checked against the model in _check_cross_field
     return _optional_str(name, v)
 
@@ -265,6 +289,10 @@ _RULES = {
     "lr_slow_ratio": _gt(0),
     "momentum": _interval(0, 1, closed_lo=True),
     "weight_decay": _ge(0),
+    "optimizer": _choice(OPTIMIZERS),
+    "adam_beta2": _interval(0, 1),
+    "latent_lr_ratio": _gt(0),
+    "latent_weight_decay": _optional_ge0,
     "schedule": _choice(SCHEDULES),
     "lr_milestones": _milestones,
     "lr_gamma": _interval(0, 1, closed_hi=True),
@@ -272,6 +300,10 @@ _RULES = {
     "feature_loss_start_epoch": _int_ge(0),
     "center_lr": _gt(0),
     "mu_sigma_update": _choice(MU_SIGMA_UPDATES),
+    "latent_init_scale": _gt(0),
+    "w_init": _w_init,
+    "ste_clip": _gt(0),
+    "act_clip": _gt(0),
     "model": _choice(MODELS),
     "width": _int_ge(1),
     "block_style": _block_style,

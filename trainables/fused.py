@@ -70,6 +70,7 @@ class _Plan:
     w_layer: torch.Tensor  # (sum P_l,) layer index of each w element
     inv_k: torch.Tensor  # (F,) 1 / K_l for every filter, in the data dtype
     compile_math: bool = field(default=False)  # run the flat math torch.compile'd (set_compile_math)
+    ste_clip: float = field(default=1.0)  # bound of the Eq. 12/15 mask |w X| <= ste_clip
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -226,7 +227,7 @@ def _backward_math(plan: _Plan, need_x: bool, need_w: bool, X: torch.Tensor, w_e
     """Flat backward: binarizer gradient from the kernels' gradient ``G`` plus ``g_loss`` times the loss's."""
     gX = coef = None
     if G is not None:
-        gm = clipped_grad(G, w_e * X)  # G * 1{-1 <= w X <= 1}
+        gm = clipped_grad(G, w_e * X, plan.ste_clip)  # G * 1{-1 <= w X <= 1} (bound: ste_clip)
         if need_x:
             gX = gm * w_e
         if need_w:
@@ -252,7 +253,7 @@ def _math(name: str, plan: _Plan, *static):
 
     if not plan.compile_math:
         return bound
-    key = (name, id(plan), static)
+    key = (name, id(plan), plan.ste_clip, static)
     c = _COMPILED.get(key)
     if c is None:
         if len(_COMPILED) >= 32:
@@ -322,7 +323,8 @@ def _tensors(layers: list) -> list[torch.Tensor]:
 
 
 def bonn_kernels_and_loss(layers: list, lam: float, nu: float, out_dtype: torch.dtype | None = None,
-                          compile_math: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                          compile_math: bool = False, ste_clip: float = 1.0
+                          ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``([mean(w_l) sign(X_l) for each layer], L_K)`` in one autograd node.
 
     Kernels are in ``out_dtype`` (default: the weights' dtype; pass the autocast dtype so the
@@ -333,6 +335,7 @@ def bonn_kernels_and_loss(layers: list, lam: float, nu: float, out_dtype: torch.
     """
     plan = layer_plan(layers)
     plan.compile_math = bool(compile_math)
+    plan.ste_clip = float(ste_clip)
     dt = out_dtype or layers[0].weight.dtype
     value, *kernels = _BonnAllLayers.apply(plan, float(lam), float(nu), dt, True, *_tensors(layers))
     return kernels, value
@@ -342,4 +345,5 @@ def kernel_loss_all_layers(layers: list, lam: float, nu: float) -> torch.Tensor:
     """:func:`trainables.losses.bayesian_kernel_loss` of ``layers`` in one autograd node (no kernels)."""
     plan = layer_plan(layers)
     plan.compile_math = False
+    plan.ste_clip = 1.0  # unused: no kernels are emitted, so no binarizer gradient
     return _BonnAllLayers.apply(plan, float(lam), float(nu), layers[0].weight.dtype, False, *_tensors(layers))

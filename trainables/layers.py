@@ -8,12 +8,16 @@ usual. Which layers stay full precision (stem, 1x1 shortcuts, FC) is the model's
 
 Choices the paper leaves open ([I], see docs/bonn-method.md sections 1, 3, 4 and 9):
 
-* ``weight`` (latent kernels ``X``): Kaiming-normal, fan-in, ReLU gain: ``std = sqrt(2 / (C_in k k))``.
+* ``weight`` (latent kernels ``X``): normal with ``std = init_scale * sqrt(2 / (C_in k k))`` (Kaiming,
+  fan-in, ReLU gain, times ``init_scale``; config ``latent_init_scale``). The scale of ``X`` sets how
+  fast signs flip: the forward pass sees only ``sign(X)`` and a BN follows, so the gradient reaching
+  ``X`` does not grow as ``|X|`` shrinks and a step moves ``X`` by a fraction ``~ lr / |X|`` of its
+  size. The paper's Fig. 3 shows first-layer latent weights within about +-0.03 at epoch 0 (16 input
+  channels: Kaiming std 0.118, so ``init_scale`` about 0.1-0.25).
 * ``w`` (modulation): shape ``(k, k)`` (``w_shape="kxk"``, the book's reading) or ``(C_in, k, k)``
-  (``w_shape="cin_kxk"``), filled with the constant ``mean|X|`` of the layer at init. Then the forward
-  kernel ``mean(w) * sign(X)`` has the same mean magnitude as the latent kernel, i.e. the layer starts
-  at the scale of a full-precision conv with Kaiming init, and the scalar ``mean(w)`` starts inside the
-  0.05-0.25 range of the paper's Fig. 5.
+  (``w_shape="cin_kxk"``), filled with a constant: ``mean|X|`` of the layer (``w_init="mean_abs"``,
+  the forward kernel then has the latent kernel's mean magnitude) or a given number (config
+  ``w_init``; the paper's Fig. 5 shows ``mean(w)`` between 0.05 and 0.23 with ``|X|`` near 0.01).
 * ``mu``, ``sigma`` (per output filter, shape ``(C_out,)``): ``mu_i = mean|X_i|`` and
   ``sigma_i = sqrt(mean(|X_i| - mu_i)^2)`` over the ``C_in k k`` elements of filter ``i`` — the exact
   minimisers of the kernel loss (bonn-method.md section 2.3), instead of the literal "average of X"
@@ -78,6 +82,10 @@ class BonnConv2d(nn.Conv2d):
         bias: bool = False,
         w_shape: str = "kxk",
         act_ste: str = "clipped",
+        init_scale: float = 1.0,
+        w_init: float | str = "mean_abs",
+        ste_clip: float = 1.0,
+        act_clip: float = 1.0,
     ) -> None:
         if w_shape not in W_SHAPES:
             raise ValueError(f"w_shape: must be one of {list(W_SHAPES)} (got {w_shape!r})")
@@ -86,21 +94,26 @@ class BonnConv2d(nn.Conv2d):
         # Plain attributes set before nn.Conv2d.__init__, which calls reset_parameters().
         object.__setattr__(self, "w_shape", w_shape)
         object.__setattr__(self, "act_ste", act_ste)
+        object.__setattr__(self, "init_scale", float(init_scale))
+        object.__setattr__(self, "w_init", w_init)
+        object.__setattr__(self, "ste_clip", float(ste_clip))
+        object.__setattr__(self, "act_clip", float(act_clip))
         object.__setattr__(self, "_w_init_shape", tuple(k) if w_shape == "kxk" else (in_channels, *k))
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self._kernel: torch.Tensor | None = None  # set by precomputed_kernels() for one forward
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal ``weight``; ``w = mean|X|``; ``mu``/``sigma`` = moments of ``|X_i|``."""
+        """Scaled Kaiming-normal ``weight``; ``w`` = ``mean|X|`` or ``w_init``; ``mu``/``sigma`` = moments
+        of ``|X_i|``."""
         if not hasattr(self, "w"):
             self.w = nn.Parameter(torch.empty(self._w_init_shape))
             self.mu = nn.Parameter(torch.empty(self.out_channels))
             self.sigma = nn.Parameter(torch.empty(self.out_channels))
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        _scaled_kaiming_(self.weight, self.init_scale)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         with torch.no_grad():
-            self.w.fill_(self.weight.abs().mean())
+            self.w.fill_(self.weight.abs().mean() if self.w_init == "mean_abs" else float(self.w_init))
         self.reset_prior_()
 
     @torch.no_grad()
@@ -117,14 +130,16 @@ class BonnConv2d(nn.Conv2d):
             return self.w.mean() * sign(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = ACT_STES[self.act_ste].apply(x)
+        xb = ACT_STES[self.act_ste].apply(x, self.act_clip)
         kernel = self._kernel
         if kernel is None:
-            kernel = BonnWeightBinarize.apply(self.weight, self.w)
+            kernel = BonnWeightBinarize.apply(self.weight, self.w, self.ste_clip)
         return self._conv_forward(xb, kernel, self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", w_shape={self.w_shape}, act_ste={self.act_ste}"
+        return (super().extra_repr() + f", w_shape={self.w_shape}, act_ste={self.act_ste}, "
+                f"init_scale={self.init_scale:g}, w_init={self.w_init}, ste_clip={self.ste_clip:g}, "
+                f"act_clip={self.act_clip:g}")
 
 
 class XnorConv2d(nn.Conv2d):
@@ -145,13 +160,18 @@ class XnorConv2d(nn.Conv2d):
         bias: bool = False,
         w_shape: str = "kxk",
         act_ste: str = "clipped",
+        init_scale: float = 1.0,
+        ste_clip: float = 1.0,
+        act_clip: float = 1.0,
     ) -> None:
         _check_act_ste(act_ste)
+        object.__setattr__(self, "init_scale", float(init_scale))
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self.act_ste = act_ste
+        self.ste_clip, self.act_clip = float(ste_clip), float(act_clip)
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        _scaled_kaiming_(self.weight, self.init_scale)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -161,11 +181,20 @@ class XnorConv2d(nn.Conv2d):
             return self.weight.abs().mean(dim=(1, 2, 3), keepdim=True) * sign(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = ACT_STES[self.act_ste].apply(x)
-        return self._conv_forward(xb, XnorWeightBinarize.apply(self.weight), self.bias)
+        xb = ACT_STES[self.act_ste].apply(x, self.act_clip)
+        return self._conv_forward(xb, XnorWeightBinarize.apply(self.weight, self.ste_clip), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", act_ste={self.act_ste}"
+        return (super().extra_repr() + f", act_ste={self.act_ste}, init_scale={self.init_scale:g}, "
+                f"ste_clip={self.ste_clip:g}, act_clip={self.act_clip:g}")
+
+
+def _scaled_kaiming_(weight: torch.Tensor, scale: float) -> None:
+    """Kaiming-normal (fan-in, ReLU gain) times ``scale``: ``std = scale * sqrt(2 / fan_in)``."""
+    nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")
+    if scale != 1.0:
+        with torch.no_grad():
+            weight.mul_(scale)
 
 
 def make_conv(
@@ -179,19 +208,23 @@ def make_conv(
 ) -> nn.Conv2d:
     """Build the conv for ``binarize`` in ``{"bonn", "xnor", "none"}``.
 
-    ``kw``: ``bias`` (default ``False`` for all three), ``w_shape`` (BONN only), ``act_ste`` (binary
-    layers only). ``"none"`` returns a plain ``nn.Conv2d`` (Kaiming-normal fan-in init, like the binary
-    layers) and ignores ``w_shape``/``act_ste``.
+    ``kw``: ``bias`` (default ``False`` for all three), ``w_shape`` and ``w_init`` (BONN only),
+    ``act_ste``, ``init_scale``, ``ste_clip``, ``act_clip`` (binary layers only). ``"none"`` returns a
+    plain ``nn.Conv2d`` (Kaiming-normal fan-in init, like the binary layers at ``init_scale=1``) and
+    ignores the binary-only keywords.
     """
     bias = kw.pop("bias", False)
     w_shape = kw.pop("w_shape", "kxk")
     act_ste = kw.pop("act_ste", "clipped")
+    binary_kw = {k: kw.pop(k) for k in ("init_scale", "ste_clip", "act_clip") if k in kw}
+    w_init = kw.pop("w_init", "mean_abs")
     if kw:
         raise TypeError(f"make_conv: unexpected keyword arguments {sorted(kw)}")
     if binarize == "bonn":
-        return BonnConv2d(in_ch, out_ch, k, stride, padding, bias=bias, w_shape=w_shape, act_ste=act_ste)
+        return BonnConv2d(in_ch, out_ch, k, stride, padding, bias=bias, w_shape=w_shape, act_ste=act_ste,
+                          w_init=w_init, **binary_kw)
     if binarize == "xnor":
-        return XnorConv2d(in_ch, out_ch, k, stride, padding, bias=bias, act_ste=act_ste)
+        return XnorConv2d(in_ch, out_ch, k, stride, padding, bias=bias, act_ste=act_ste, **binary_kw)
     if binarize == "none":
         conv = nn.Conv2d(in_ch, out_ch, k, stride=stride, padding=padding, bias=bias)
         nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")

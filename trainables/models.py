@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 
-__all__ = ["MODELS", "build_model", "register_model", "backbone_convs", "WRN22", "ResNet18", "SmallCNN"]
+__all__ = ["MODELS", "build_model", "register_model", "backbone_convs", "conv_options", "WRN22", "ResNet18",
+           "SmallCNN"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -89,10 +90,17 @@ def backbone_convs(model: nn.Module) -> list[nn.Module]:
 
 
 # --------------------------------------------------------------------------- building blocks
-def _binary_conv(binarize: str, cin: int, cout: int, stride: int = 1) -> nn.Module:
+def conv_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The binary-conv options of a config (``trainables.layers.make_conv`` keywords)."""
+    return {"init_scale": cfg.latent_init_scale, "w_init": cfg.w_init, "ste_clip": cfg.ste_clip,
+            "act_clip": cfg.act_clip}
+
+
+def _binary_conv(binarize: str, cin: int, cout: int, stride: int = 1,
+                 conv_kw: Mapping[str, Any] | None = None) -> nn.Module:
     from .layers import make_conv  # imported late: layers.py is a sibling module
 
-    conv = make_conv(binarize, cin, cout, 3, stride, 1)
+    conv = make_conv(binarize, cin, cout, 3, stride, 1, **dict(conv_kw or {}))
     conv._backbone_conv = True
     return conv
 
@@ -144,14 +152,16 @@ class _Classifier(nn.Module):
 
 # --------------------------------------------------------------------------- WRN-22
 class WRNBlock(nn.Module):
-    def __init__(self, cin, cout, stride, binarize, shortcut, dropout):
+    """``preact``: one shortcut around the pair of binary convs (module docstring)."""
+
+    def __init__(self, cin, cout, stride, binarize, shortcut, dropout, conv_kw=None):
         super().__init__()
         self.bn0 = nn.BatchNorm2d(cin)
-        self.conv1 = _binary_conv(binarize, cin, cout, stride)
+        self.conv1 = _binary_conv(binarize, cin, cout, stride, conv_kw)
         self.bn1 = nn.BatchNorm2d(cout)
         self.act1 = nn.PReLU(cout)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = _binary_conv(binarize, cout, cout, 1)
+        self.conv2 = _binary_conv(binarize, cout, cout, 1, conv_kw)
         self.bn2 = nn.BatchNorm2d(cout)
         self.act2 = nn.PReLU(cout)
         self.shortcut = _shortcut(shortcut, cin, cout, stride, with_bn=False)
@@ -162,19 +172,47 @@ class WRNBlock(nn.Module):
         return o + self.shortcut(x)
 
 
+class WRNBiRealBlock(nn.Module):
+    """``bireal_per_conv``: a real-valued shortcut around *each* binary conv (Bi-Real Net, the paper's
+    "network modifications" for ResNet-18, applied to WRN-22)::
+
+        o = bn0(x)                                  # per-channel threshold before the sign
+        o1 = act1(bn1(conv1(o))) + shortcut(x)      # shortcut: identity, FP 1x1 or avgpool-pad
+        out = act2(bn2(conv2(drop(bn_mid(o1))))) + o1
+    """
+
+    def __init__(self, cin, cout, stride, binarize, shortcut, dropout, conv_kw=None):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(cin)
+        self.conv1 = _binary_conv(binarize, cin, cout, stride, conv_kw)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = nn.PReLU(cout)
+        self.bn_mid = nn.BatchNorm2d(cout)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = _binary_conv(binarize, cout, cout, 1, conv_kw)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act2 = nn.PReLU(cout)
+        self.shortcut = _shortcut(shortcut, cin, cout, stride, with_bn=True)
+
+    def forward(self, x):
+        o1 = self.act1(self.bn1(self.conv1(self.bn0(x)))) + self.shortcut(x)
+        return self.act2(self.bn2(self.conv2(self.drop(self.bn_mid(o1))))) + o1
+
+
 class WRN22(_Classifier):
     depth = 22
 
     def __init__(self, in_channels, num_classes, width=16, binarize="bonn", shortcut="fp_1x1",
-                 dropout=0.0):
+                 dropout=0.0, block_style="preact", conv_kw=None):
         super().__init__()
+        block = {"preact": WRNBlock, "bireal_per_conv": WRNBiRealBlock}[block_style]
         n = (self.depth - 4) // 6  # 3 blocks per group
         widths = [width, 2 * width, 4 * width]
         self.stem = _fp_conv(in_channels, width, 3, 1, 1)
         blocks, cin = [], width
         for g, (cout, stride) in enumerate(zip(widths, (1, 2, 2))):
             for b in range(n):
-                blocks.append(WRNBlock(cin, cout, stride if b == 0 else 1, binarize, shortcut, dropout))
+                blocks.append(block(cin, cout, stride if b == 0 else 1, binarize, shortcut, dropout, conv_kw))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(cin)
@@ -191,20 +229,21 @@ class WRN22(_Classifier):
 @register_model("wrn22")
 def _wrn22(cfg, in_channels, num_classes, image_size):
     return WRN22(in_channels, num_classes, width=cfg.width, binarize=cfg.binarize,
-                 shortcut=cfg.shortcut, dropout=cfg.dropout)
+                 shortcut=cfg.shortcut, dropout=cfg.dropout, block_style=cfg.block_style,
+                 conv_kw=conv_options(cfg))
 
 
 # --------------------------------------------------------------------------- ResNet-18
 class BiRealBlock(nn.Module):
     """Two binary 3x3 convs, each with its own real-valued shortcut (Bi-Real Net)."""
 
-    def __init__(self, cin, cout, stride, binarize, shortcut):
+    def __init__(self, cin, cout, stride, binarize, shortcut, conv_kw=None):
         super().__init__()
-        self.conv1 = _binary_conv(binarize, cin, cout, stride)
+        self.conv1 = _binary_conv(binarize, cin, cout, stride, conv_kw)
         self.bn1 = nn.BatchNorm2d(cout)
         self.act1 = nn.PReLU(cout)
         self.shortcut = _shortcut(shortcut, cin, cout, stride, with_bn=True)
-        self.conv2 = _binary_conv(binarize, cout, cout, 1)
+        self.conv2 = _binary_conv(binarize, cout, cout, 1, conv_kw)
         self.bn2 = nn.BatchNorm2d(cout)
         self.act2 = nn.PReLU(cout)
 
@@ -216,11 +255,11 @@ class BiRealBlock(nn.Module):
 class HardtanhBlock(nn.Module):
     """Two binary 3x3 convs, one shortcut around the pair, hardtanh activations (IR-Net family)."""
 
-    def __init__(self, cin, cout, stride, binarize, shortcut):
+    def __init__(self, cin, cout, stride, binarize, shortcut, conv_kw=None):
         super().__init__()
-        self.conv1 = _binary_conv(binarize, cin, cout, stride)
+        self.conv1 = _binary_conv(binarize, cin, cout, stride, conv_kw)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = _binary_conv(binarize, cout, cout, 1)
+        self.conv2 = _binary_conv(binarize, cout, cout, 1, conv_kw)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = _shortcut(shortcut, cin, cout, stride, with_bn=True)
 
@@ -231,7 +270,7 @@ class HardtanhBlock(nn.Module):
 
 class ResNet18(_Classifier):
     def __init__(self, in_channels, num_classes, width=64, binarize="bonn",
-                 block_style="bireal_per_conv", shortcut="fp_1x1", dropout=0.0):
+                 block_style="bireal_per_conv", shortcut="fp_1x1", dropout=0.0, conv_kw=None):
         super().__init__()
         block = {"bireal_per_conv": BiRealBlock, "two_conv_hardtanh": HardtanhBlock}[block_style]
         self.stem = _fp_conv(in_channels, width, 3, 1, 1)
@@ -241,7 +280,7 @@ class ResNet18(_Classifier):
         for mult, stride in zip((1, 2, 4, 8), (1, 2, 2, 2)):
             cout = width * mult
             for b in range(2):
-                blocks.append(block(cin, cout, stride if b == 0 else 1, binarize, shortcut))
+                blocks.append(block(cin, cout, stride if b == 0 else 1, binarize, shortcut, conv_kw))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.feature_dim = cin
@@ -256,16 +295,17 @@ class ResNet18(_Classifier):
 @register_model("resnet18")
 def _resnet18(cfg, in_channels, num_classes, image_size):
     return ResNet18(in_channels, num_classes, width=cfg.width, binarize=cfg.binarize,
-                    block_style=cfg.block_style, shortcut=cfg.shortcut, dropout=cfg.dropout)
+                    block_style=cfg.block_style, shortcut=cfg.shortcut, dropout=cfg.dropout,
+                    conv_kw=conv_options(cfg))
 
 
 # --------------------------------------------------------------------------- small CNN
 class _Unit(nn.Module):
     """``act(BN(conv3x3(x)) [+ x])``: one binary conv with BN right after it."""
 
-    def __init__(self, cin, cout, stride, binarize, residual=False):
+    def __init__(self, cin, cout, stride, binarize, residual=False, conv_kw=None):
         super().__init__()
-        self.conv = _binary_conv(binarize, cin, cout, stride)
+        self.conv = _binary_conv(binarize, cin, cout, stride, conv_kw)
         self.bn = nn.BatchNorm2d(cout)
         self.act = nn.PReLU(cout)
         self.residual = residual and cin == cout and stride == 1
@@ -276,18 +316,19 @@ class _Unit(nn.Module):
 
 
 class SmallCNN(_Classifier):
-    def __init__(self, in_channels, num_classes, image_size, width=16, binarize="bonn", dropout=0.0):
+    def __init__(self, in_channels, num_classes, image_size, width=16, binarize="bonn", dropout=0.0,
+                 conv_kw=None):
         super().__init__()
         c = width
         big = image_size >= 16
         layers: list[nn.Module] = [_fp_conv(in_channels, c, 3, 1, 1), nn.BatchNorm2d(c), nn.PReLU(c)]
         if big:
             layers.append(nn.MaxPool2d(2))
-        layers += [_Unit(c, 2 * c, 1, binarize), nn.MaxPool2d(2),
-                   _Unit(2 * c, 2 * c, 1, binarize, residual=True)]
+        layers += [_Unit(c, 2 * c, 1, binarize, conv_kw=conv_kw), nn.MaxPool2d(2),
+                   _Unit(2 * c, 2 * c, 1, binarize, residual=True, conv_kw=conv_kw)]
         out = 2 * c
         if big:
-            layers.append(_Unit(2 * c, 4 * c, 2, binarize))
+            layers.append(_Unit(2 * c, 4 * c, 2, binarize, conv_kw=conv_kw))
             out = 4 * c
         self.features = nn.Sequential(*layers)
         self.feature_dim = out
@@ -301,4 +342,4 @@ class SmallCNN(_Classifier):
 @register_model("small_cnn")
 def _small_cnn(cfg, in_channels, num_classes, image_size):
     return SmallCNN(in_channels, num_classes, image_size, width=cfg.width, binarize=cfg.binarize,
-                    dropout=cfg.dropout)
+                    dropout=cfg.dropout, conv_kw=conv_options(cfg))

@@ -10,17 +10,24 @@ only for ``binarize="bonn"``; ``xnor`` and ``none`` train with cross-entropy alo
 switched on at epoch ``feature_loss_start_epoch`` (0-based; before it, it is not computed and logged
 as 0), and skipped entirely when ``theta == 0``; ``L_K`` is skipped when ``lam == 0``.
 
-Optimiser (Alg. 1 line 13; bonn-method.md §4): SGD, ``momentum``, nesterov off, four groups, printed
-with their counts at start:
+Optimiser (Alg. 1 line 13; bonn-method.md §4): ``optimizer`` = ``sgd`` (the paper's; ``momentum``,
+nesterov off), ``adam`` (L2 weight decay added to the gradient) or ``adamw`` (decoupled weight decay;
+``adam_beta2``, beta1 = ``momentum``); five groups, printed with their counts at start:
 
 ========== ================================================== ======================== ==============
 group      parameters                                         lr                       weight decay
 ========== ================================================== ======================== ==============
-decay      conv and linear weights, latent kernels ``X``      ``lr``                   weight_decay
+latent     latent kernels of the binary 3x3 convs (BONN ``X``, ``lr * latent_lr_ratio``  latent_weight_decay
+           XNOR ``W``)                                                                 (null: weight_decay)
+decay      other conv and linear weights (stem, 1x1, FC, FP   ``lr``                   weight_decay
+           backbone convs)
 no_decay   BatchNorm, PReLU, biases, ``mu``                   ``lr``                   0
 slow       ``w`` and ``sigma`` of every BonnConv2d, ``log_var`` ``lr * lr_slow_ratio``  0
 centers    class centres ``c_m`` (center-loss rule, Wen et al.) ``center_lr``, momentum 0 0
 ========== ================================================== ======================== ==============
+
+The centres always follow the center-loss rule ``c <- c - alpha * dc`` (a plain SGD step of their own,
+``Trainer.center_optimizer``), whatever ``optimizer`` the other groups use.
 
 The schedule (per step; ``step``: multiply by ``lr_gamma`` at ``round(f * epochs)`` for every ``f`` in
 ``lr_milestones``; ``cosine``: half cosine to 0 over the epochs after the warm-up; optional linear
@@ -106,6 +113,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, TrainConfig
 from .data import DeviceData
+from .dynamics import Dynamics
 from .metrics import bimodality_coefficient, first_binary_weights, save_weight_histogram
 from .models import build_model
 
@@ -113,9 +121,10 @@ __all__ = ["fit", "TrainingDiverged", "load_checkpoint_model", "Trainer", "build
            "LrFactor", "CHECKPOINT_NAME", "METRIC_KEYS", "DistContext"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: latent group, center optimiser, dynamics state
 METRIC_KEYS = ("epoch", "train_loss", "ce_loss", "kernel_loss", "feature_loss", "train_acc", "val_acc",
-               "val_loss", "images_per_s", "bimodality", "lr", "epoch_time_s")
+               "val_loss", "images_per_s", "bimodality", "lr", "epoch_time_s", "flip_frac", "flip_frac_init",
+               "latent_abs_mean")
 EVAL_BATCH = 1024
 
 
@@ -161,12 +170,16 @@ class ConstantFactor:
 # ============================================================================ parameter groups
 def build_param_groups(model: nn.Module, feature_loss: nn.Module | None, cfg: TrainConfig,
                        log: Callable[[str], None] | None = print) -> list[dict]:
-    """Explicit SGD groups (see the module docstring); prints each group with its counts."""
+    """Explicit groups (see the module docstring); prints each group with its counts."""
     from .layers import bonn_layers
 
     role: dict[int, str] = {}
+    if cfg.binarize != "none":
+        for m in model.modules():
+            if getattr(m, "_backbone_conv", False):
+                role[id(m.weight)] = "latent"
     for m in bonn_layers(model):
-        role[id(m.weight)] = "decay"
+        role[id(m.weight)] = "latent"
         role[id(m.w)] = "slow"
         role[id(m.sigma)] = "slow"
         role[id(m.mu)] = "no_decay"
@@ -175,7 +188,7 @@ def build_param_groups(model: nn.Module, feature_loss: nn.Module | None, cfg: Tr
     if feature_loss is not None:
         role[id(feature_loss.centers)] = "centers"
         role[id(feature_loss.log_var)] = "slow"
-    names: dict[str, list[str]] = {"decay": [], "no_decay": [], "slow": [], "centers": []}
+    names: dict[str, list[str]] = {g: [] for g in GROUP_NAMES}
     params: dict[str, list[nn.Parameter]] = {k: [] for k in names}
     seen: set[int] = set()
     named = [("model." + n, mod, pn, p) for n, mod in model.named_modules()
@@ -191,22 +204,43 @@ def build_param_groups(model: nn.Module, feature_loss: nn.Module | None, cfg: Tr
             r = "decay" if isinstance(mod, (nn.Conv2d, nn.Linear)) and pn == "weight" else "no_decay"
         names[r].append(f"{mod_name}.{pn}")
         params[r].append(p)
+    latent_wd = cfg.weight_decay if cfg.latent_weight_decay is None else cfg.latent_weight_decay
     settings = {
+        "latent": dict(lr=cfg.lr * cfg.latent_lr_ratio, weight_decay=latent_wd, momentum=cfg.momentum),
         "decay": dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum),
         "no_decay": dict(lr=cfg.lr, weight_decay=0.0, momentum=cfg.momentum),
         "slow": dict(lr=cfg.lr * cfg.lr_slow_ratio, weight_decay=0.0, momentum=cfg.momentum),
         "centers": dict(lr=cfg.center_lr, weight_decay=0.0, momentum=0.0),
     }
     groups = []
-    for g in ("decay", "no_decay", "slow", "centers"):
+    for g in GROUP_NAMES:
         if params[g]:
             groups.append({"params": params[g], "name": g, **settings[g]})
             if log:
                 n_el = sum(p.numel() for p in params[g])
                 s = settings[g]
-                log(f"[optim] {g:9s} {len(params[g]):4d} tensors {n_el:>10,d} params  lr={s['lr']:g} "
+                opt = "sgd" if g == "centers" else cfg.optimizer
+                log(f"[optim] {g:9s} {len(params[g]):4d} tensors {n_el:>10,d} params  {opt} lr={s['lr']:g} "
                     f"wd={s['weight_decay']:g} momentum={s['momentum']:g}")
     return groups
+
+
+GROUP_NAMES = ("latent", "decay", "no_decay", "slow", "centers")
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device, capturable: bool
+                   ) -> torch.optim.Optimizer:
+    """The optimiser ``cfg.optimizer`` over ``groups`` (each group's ``momentum`` is SGD's momentum or
+    Adam's beta1)."""
+    on_cuda = device.type == "cuda"
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False,
+                               **({"fused": True} if on_cuda else {}))
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    adam_groups = [{**{k: v for k, v in g.items() if k != "momentum"}, "betas": (g["momentum"], cfg.adam_beta2)}
+                   for g in groups]
+    kw: dict[str, Any] = {"fused": True, "capturable": capturable} if on_cuda else {}
+    return cls(adam_groups, lr=cfg.lr, betas=(cfg.momentum, cfg.adam_beta2), **kw)
 
 
 # ============================================================================ data parallelism
@@ -319,33 +353,33 @@ class Trainer:
         self.feature_on = False  # switched per epoch by set_epoch
         self.xnor_weights = ([m.weight for m in self.model.modules() if getattr(m, "_backbone_conv", False)]
                              if cfg.binarize == "xnor" else [])
+        on_cuda = device.type == "cuda"
+        want_graph = on_cuda if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph)
+        self.use_graph = want_graph and on_cuda and not self.dist.active
         groups = build_param_groups(self.model, self.feature_loss, cfg, log=log)
-        kw = dict(momentum=cfg.momentum, nesterov=False)
-        if device.type == "cuda":
-            kw["fused"] = True
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, **kw)
+        center_groups = [g for g in groups if g["name"] == "centers"]
+        groups = [g for g in groups if g["name"] != "centers"]
+        self.optimizer = make_optimizer(groups, cfg, device, capturable=self.use_graph)
+        # the centre update of the center loss is its own plain SGD step (lr alpha, no momentum)
+        self.center_optimizer = (torch.optim.SGD(center_groups, lr=cfg.center_lr, momentum=0.0)
+                                 if center_groups else None)
         self._init_momentum_buffers()
         self.steps_per_epoch = steps_per_epoch
         # Runtime choices (docs/contracts.md): one autograd node for all BONN layers' kernels and
         # kernel loss (trainables.fused), and the whole step captured as a CUDA graph.
-        on_cuda = device.type == "cuda"
         fb = cfg.fused_bonn if cfg.fused_bonn != "auto" else (FUSED_BONN_AUTO_CUDA if on_cuda else False)
         self.fused = self.bonn and not cfg.compile and bool(fb)
         self.compile_math = self.fused and fb == "compiled"
         from .binarize import use_compiled_sign
 
         use_compiled_sign(self.compile_math)  # process-wide: the last Trainer built decides
-        want_graph = on_cuda if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph)
-        self.use_graph = want_graph and on_cuda and not self.dist.active
-        self._base_lr0 = float(self.optimizer.param_groups[0]["lr"])
         if want_graph and not self.use_graph and log is not None and cfg.cuda_graph is True:
             log("[I] cuda_graph=true ignored: needs CUDA and a single process (not data-parallel)")
         if self.use_graph:
             # A captured step reads the learning rate from device memory: the scheduler fills these.
             for g in self.optimizer.param_groups:
                 g["lr"] = torch.tensor(float(g["lr"]), device=device)
-        self._lr_factors = [ConstantFactor() if g["name"] == "centers" else
-                            LrFactor(cfg.schedule, cfg.epochs, steps_per_epoch, cfg.lr_milestones, cfg.lr_gamma,
+        self._lr_factors = [LrFactor(cfg.schedule, cfg.epochs, steps_per_epoch, cfg.lr_milestones, cfg.lr_gamma,
                                      cfg.warmup_epochs) for g in groups]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factors)
         self.scheduler.base_lrs = [_as_float(b) for b in self.scheduler.base_lrs]  # no per-step tensor math
@@ -367,6 +401,8 @@ class Trainer:
         which some parameters have buffers and others not (the feature loss' ``log_var`` joins the
         ``slow`` group at ``feature_loss_start_epoch``), and a captured step needs them to exist.
         """
+        if not isinstance(self.optimizer, torch.optim.SGD):
+            return  # Adam's state is made on a parameter's first gradient (and skipped without one)
         for g in self.optimizer.param_groups:
             if g["momentum"] == 0 or g.get("dampening", 0) != 0:
                 continue
@@ -394,11 +430,8 @@ class Trainer:
         self.last_lr = self._current_lr()
 
     def _current_lr(self) -> float:
-        """Learning rate of the first group as a float, without reading device memory."""
-        lr = self.optimizer.param_groups[0]["lr"]
-        if not torch.is_tensor(lr):
-            return float(lr)
-        return self._base_lr0 * self._lr_factors[0](self.scheduler.last_epoch)
+        """The scheduled base learning rate (``lr`` times the schedule factor), without reading device memory."""
+        return self.cfg.lr * self._lr_factors[0](self.scheduler.last_epoch)
 
     def read_sums(self) -> dict[str, float]:
         """Epoch means so far (one host sync; under data parallelism one all-reduce, the same numbers on
@@ -469,12 +502,13 @@ class Trainer:
                 fl = fl * scale
             loss = loss + fl
         if not self.use_graph:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.zero_grad()
         loss.backward()
         if self.dist.active:
-            self.dist.average_([p.grad for g in self.optimizer.param_groups for p in g["params"]
-                                if p.grad is not None])
+            self.dist.average_([p.grad for p in self.parameters() if p.grad is not None])
         self.optimizer.step()
+        if self.center_optimizer is not None:
+            self.center_optimizer.step()
         self._after_step()
         with torch.no_grad():
             self._sums += torch.stack([loss.detach(), ce.detach(), kl.detach(), fl.detach()])
@@ -497,13 +531,13 @@ class Trainer:
             side = self._side_stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.zero_grad()
                 self._step(x, y)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return
         cap = _CapturedStep(x.clone(), y.clone(), torch.cuda.CUDAGraph())
         try:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.zero_grad()
             with torch.cuda.graph(cap.graph, capture_error_mode="thread_local"):
                 self._step(cap.x, cap.y)
         except Exception as exc:  # noqa: BLE001 - fall back to eager steps, say so once
@@ -516,6 +550,27 @@ class Trainer:
             return
         self._graphs[key] = cap
         cap.graph.replay()  # the capture recorded the step on this batch; run it
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter the optimisers hold (main optimiser first, then the centres)."""
+        out = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.center_optimizer is not None:
+            out += [p for g in self.center_optimizer.param_groups for p in g["params"]]
+        return out
+
+    def group_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by group name (``latent``, ``decay``, ``no_decay``, ``slow``, ``centers``)."""
+        out: dict[str, list[nn.Parameter]] = {}
+        opts = [self.optimizer] + ([self.center_optimizer] if self.center_optimizer is not None else [])
+        for opt in opts:
+            for g in opt.param_groups:
+                out.setdefault(g["name"], []).extend(g["params"])
+        return out
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.center_optimizer is not None:
+            self.center_optimizer.zero_grad(set_to_none=True)
 
     def invalidate_graphs(self) -> None:
         """Forget captured steps (after tensors they read were replaced, e.g. by load_state_dict)."""
@@ -589,18 +644,21 @@ class Trainer:
         sched = {k: ([_as_float(v) for v in val] if k in ("base_lrs", "_last_lr") else val)
                  for k, val in self.scheduler.state_dict().items()}
         return {"model": self.model.state_dict(), "optimizer": opt, "scheduler": sched,
+                "center_optimizer": (self.center_optimizer.state_dict() if self.center_optimizer is not None
+                                     else None),
                 "feature_loss": self.feature_loss.state_dict() if self.feature_loss is not None else None}
 
     @torch.no_grad()
     def parameters_finite(self) -> bool:
         """Whether every parameter the optimiser holds is finite (one pass, one host sync)."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norms = torch._foreach_norm(params)
+        norms = torch._foreach_norm(self.parameters())
         return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
+        if self.center_optimizer is not None and sd.get("center_optimizer") is not None:
+            self.center_optimizer.load_state_dict(sd["center_optimizer"])
         for g in self.optimizer.param_groups:  # lr storage of this run's mode (see __init__)
             lr = _as_float(g["lr"])
             g["lr"] = torch.tensor(lr, device=self.device) if self.use_graph else lr
@@ -761,6 +819,8 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
             return dict(history[-1])
     if dist.active:
         trainer.broadcast_state()
+    dynamics = Dynamics(trainer.model, trainer.group_parameters(),
+                        state=ck.get("dynamics") if ck is not None else None)
     if ck is None and ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)
         if 0 in cfg.hist_epochs:
@@ -773,6 +833,7 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
         t0 = time.perf_counter()
         trainer.set_epoch(epoch)
         trainer.reset_sums()
+        dynamics.start_epoch()
         global_batch = min(cfg.batch_size, data.n_train)
         for x, y in data.train_batches(cfg.batch_size, data_gen, shard=dist.shard()):
             trainer.train_step(x, y, global_batch)
@@ -794,7 +855,7 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
         metrics = {"epoch": epoch + 1, **sums, "val_acc": val_acc, "val_loss": val_loss,
                    "images_per_s": (trainer.global_seen if dist.active else trainer._seen) / t_train,
                    "bimodality": bimodality_coefficient(w) if w is not None else float("nan"),
-                   "lr": trainer.last_lr}
+                   "lr": trainer.last_lr, **dynamics.end_epoch()}
         if epoch + 1 == cfg.epochs:
             metrics["test_loss"], metrics["test_acc"] = trainer.evaluate(data.eval_batches("test", EVAL_BATCH))
         metrics["epoch_time_s"] = time.perf_counter() - t0
@@ -812,7 +873,7 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
                 _write_histogram(w, ckdir / _hist_name(epoch + 1), epoch + 1, f"{cfg.model}/{cfg.binarize}", log)
             _atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model_meta": model.model_meta,
                           "epoch": epoch + 1, "trainer": trainer.state_dict(), "rng": _rng_state(data_gen),
-                          "best": best, "history": history}, ckpath)
+                          "best": best, "history": history, "dynamics": dynamics.state_dict()}, ckpath)
         log("[epoch] " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
         if report is not None:
             report(dict(metrics))

@@ -88,6 +88,9 @@ class TrialPublic(BaseModel):
     best_value: float | None = None
     best_epoch: int | None = None
     last_value: float | None = None
+    flip_frac: float | None = Field(None, description="last epoch's fraction of binary weights whose sign flipped")
+    flip_frac_init: float | None = Field(None, description="fraction of binary weights flipped since initialisation")
+    bimodality: float | None = Field(None, description="last epoch's bimodality coefficient of the first binary conv")
     checkpoint_uri: str | None = None
     stop_reason: str | None = None
     error: str | None = Field(None, description="why an errored trial failed (its last exception, one line)")

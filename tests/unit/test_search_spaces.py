@@ -66,7 +66,7 @@ def errors_of(data) -> list[tuple[list, str]]:
 def test_trial_config_keys_match_contracts_table():
     text = (REPO / "docs" / "contracts.md").read_text()
     section = text.split("## Trial config", 1)[1].split("\n## ", 1)[0]
-    keys = re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M)
+    keys = re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M)
     assert keys, "no table rows found in docs/contracts.md"
     assert tuple(keys) == TRIAL_CONFIG_KEYS
     assert len(set(TRIAL_CONFIG_KEYS)) == len(TRIAL_CONFIG_KEYS)
@@ -762,12 +762,14 @@ PAPER = {"lam": 1e-4, "theta": 1e-3, "nu": 1e-4, "lr": 0.01, "weight_decay": 5e-
 
 def test_bonn_paper_preset_brackets_paper_values_by_100x():
     s = load("bonn-paper")
-    assert set(s.parameters) == set(PAPER)
+    assert set(s.parameters) == set(PAPER) | {"optimizer", "latent_init_scale"}
+    assert s.parameters["optimizer"].choices == ["sgd", "adam"]
+    assert s.parameters["latent_init_scale"].low == 0.03 and s.parameters["latent_init_scale"].high == 1.0
     for name, value in PAPER.items():
         p = s.parameters[name]
         assert isinstance(p, FloatParameter) and p.log and p.condition is None
         assert math.isclose(p.low, value / 100) and math.isclose(p.high, value * 100), name
-    assert s.warm_start_points == [PAPER]
+    assert s.warm_start_points == [{**PAPER, "optimizer": "sgd", "latent_init_scale": 1.0}]
     assert s.fixed == {"binarize": "bonn"}
 
 
@@ -986,7 +988,7 @@ def test_grid_refuses_continuous_and_conditional_parameters():
         "msg": "grid search needs discrete parameters: a continuous float has no grid"
         " (make it categorical or give it a step)",
     }
-    assert len(info.value.errors) == 5
+    assert len(info.value.errors) == 6  # five paper floats and latent_init_scale
     with pytest.raises(SearchSpaceError, match="grid search needs unconditional parameters"):
         SearchSpace.model_validate(
             space({"binarize": C("bonn", "xnor"), "theta": C(1e-3, condition={"binarize": "bonn"})})

@@ -50,8 +50,13 @@ def test_metrics_checkpoint_and_report_order(tmp_path):
     out = fit({**SMALL, "epochs": 2, "hist_epochs": [0, 1]}, report=report, checkpoint_dir=tmp_path, **QUIET)
     assert len(seen) == 2
     (m1, files1), (m2, files2) = seen
-    assert set(m1) == set(METRIC_KEYS)
-    assert set(m2) == set(METRIC_KEYS) | {"test_acc", "test_loss"}
+    scalar = lambda m: {k for k in m if "/" not in k}  # noqa: E731 - the per-layer/per-group keys have a "/"
+    assert scalar(m1) == set(METRIC_KEYS)
+    assert scalar(m2) == set(METRIC_KEYS) | {"test_acc", "test_loss"}
+    n_convs = len([k for k in m1 if k.startswith("flip/conv")])
+    assert n_convs == 2 and {f"{p}/conv{i:02d}" for p in ("flip", "latent_abs", "wbar", "mu", "sigma")
+                             for i in (1, 2)} <= set(m1)
+    assert {"grad_norm/latent", "update_norm/latent", "update_rel/latent", "grad_norm/centers"} <= set(m2)
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in m2.values())
     assert (m1["epoch"], m2["epoch"]) == (1, 2)
     assert 0.0 <= m2["val_acc"] <= 1.0 and 0.0 <= m2["test_acc"] <= 1.0
@@ -63,7 +68,7 @@ def test_metrics_checkpoint_and_report_order(tmp_path):
     assert out == m2
     ck = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert ck["epoch"] == 2 and ck["config"]["epochs"] == 2 and len(ck["history"]) == 2
-    assert set(ck["trainer"]) == {"model", "optimizer", "scheduler", "feature_loss"}
+    assert set(ck["trainer"]) == {"model", "optimizer", "scheduler", "center_optimizer", "feature_loss"}
     assert set(ck["rng"]) >= {"torch", "numpy", "python", "data"}
 
 
@@ -157,12 +162,13 @@ def test_param_groups():
     floss = BayesianFeatureLoss(10, model.feature_dim, 1e-3, 0.3)
     lines = []
     groups = {g["name"]: g for g in build_param_groups(model, floss, cfg, log=lines.append)}
-    assert set(groups) == {"decay", "no_decay", "slow", "centers"}
+    assert set(groups) == {"latent", "decay", "no_decay", "slow", "centers"}
     ids = {n: {id(p) for p in g["params"]} for n, g in groups.items()}
     layers = bonn_layers(model)
     assert len(layers) == 18
+    assert ids["latent"] == {id(m.weight) for m in layers}
+    assert groups["latent"]["weight_decay"] == 5e-4 and groups["latent"]["lr"] == 0.1
     for m in layers:
-        assert id(m.weight) in ids["decay"]
         assert id(m.w) in ids["slow"] and id(m.sigma) in ids["slow"]
         assert id(m.mu) in ids["no_decay"]
     assert ids["slow"] >= {id(floss.log_var)} and ids["centers"] == {id(floss.centers)}
@@ -177,7 +183,7 @@ def test_param_groups():
     assert groups["centers"] == {**groups["centers"], "lr": 0.3, "momentum": 0.0, "weight_decay": 0.0}
     every = [id(p) for g in groups.values() for p in g["params"]]
     assert len(every) == len(set(every)) == len(list(model.parameters())) + 2
-    assert len(lines) == 4 and all("tensors" in s for s in lines)
+    assert len(lines) == 5 and all("tensors" in s for s in lines)
 
 
 def test_lr_schedules():
