@@ -26,6 +26,8 @@ Block layouts (the paper gives Fig. 2, ``BN -> Conv -> PReLU (+ shortcut)``, and
 
     18 binary 3x3 convs (3 x 3 x 2); with the stem, the FC and the two 1x1 shortcut convs that is the
     22 layers of the name. Head: BN -> PReLU -> global average pool -> (features) -> FC.
+    ``block_style="bireal_per_conv"`` puts a real-valued shortcut around each binary conv instead
+    (``WRNBiRealBlock``; Bi-Real Net, which the paper follows for ResNet-18).
 
 ``resnet18`` CIFAR ResNet-18: FP 3x3 stem conv + BN + activation, no max-pool, stages [2, 2, 2, 2]
     with ``width * (1, 2, 4, 8)`` channels, strides 1, 2, 2, 2; 16 binary 3x3 convs. Block styles:
