@@ -174,26 +174,18 @@ class WRNBlock(nn.Module):
         return o + self.shortcut(x)
 
 
-class WRNBiRealBlock(nn.Module):
+class WRNBiRealBlock(WRNBlock):
     """``bireal_per_conv``: a real-valued shortcut around *each* binary conv (Bi-Real Net, the paper's
     "network modifications" for ResNet-18, applied to WRN-22)::
 
         o = bn0(x)                                  # per-channel threshold before the sign
-        o1 = act1(bn1(conv1(o))) + shortcut(x)      # shortcut: identity, FP 1x1 or avgpool-pad
+        o1 = act1(bn1(conv1(o))) + shortcut(x)      # shortcut: identity, FP 1x1 + BN or avgpool-pad
         out = act2(bn2(conv2(drop(bn_mid(o1))))) + o1
     """
 
     def __init__(self, cin, cout, stride, binarize, shortcut, dropout, conv_kw=None):
-        super().__init__()
-        self.bn0 = nn.BatchNorm2d(cin)
-        self.conv1 = _binary_conv(binarize, cin, cout, stride, conv_kw)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.act1 = nn.PReLU(cout)
+        super().__init__(cin, cout, stride, binarize, shortcut, dropout, conv_kw)
         self.bn_mid = nn.BatchNorm2d(cout)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = _binary_conv(binarize, cout, cout, 1, conv_kw)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.act2 = nn.PReLU(cout)
         self.shortcut = _shortcut(shortcut, cin, cout, stride, with_bn=True)
 
     def forward(self, x):
