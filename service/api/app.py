@@ -2,7 +2,7 @@
 ``uvicorn service.api.app:app`` (the same, built from the environment on first access).
 
 The API never calls ``ray.init()``: it talks to the Ray Jobs REST API over HTTP
-(:mod:`service.jobs`), to MLflow through its tracking server, and reads Optuna's RDB storage.
+(:mod:`service.core.jobs`), to MLflow through its tracking server, and reads Optuna's RDB storage.
 API keys, the rate limit and the body-size limit sit in front of every route
 (:mod:`service.api.security`).
 """
@@ -21,9 +21,9 @@ from service.api.errors import install_error_handlers
 from service.api.routes import health, studies
 from service.api.security import KeyProvider, SecurityMiddleware, patch_openapi
 from service.api.study_service import ReconcileLoop, StudyService
-from service.jobs import RayJobsClient
-from service.settings import Settings, get_settings
-from service.store import StudyStore
+from service.core.jobs import RayJobsClient
+from service.core.settings import Settings, get_settings
+from service.core.store import StudyStore
 
 log = logging.getLogger("service.api")
 

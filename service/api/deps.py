@@ -9,9 +9,9 @@ from fastapi import Depends, Request
 
 from service.api.backends import MlflowGateway, OptunaReader
 from service.api.study_service import StudyService
-from service.jobs import RayJobsClient
-from service.settings import Settings
-from service.store import StudyStore
+from service.core.jobs import RayJobsClient
+from service.core.settings import Settings
+from service.core.store import StudyStore
 
 
 def get_settings(request: Request) -> Settings:

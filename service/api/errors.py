@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.backends import TrackingError
-from service.jobs import RayJobError, RayUnavailable
-from service.store import IdempotencyConflict, StudyNotFound
+from service.core.jobs import RayJobError, RayUnavailable
+from service.core.store import IdempotencyConflict, StudyNotFound
 
 log = logging.getLogger("service.api")
 

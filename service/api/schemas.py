@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.spec import StudySpec
-from service.store import StudyStatus
+from service.core.spec import StudySpec
+from service.core.store import StudyStatus
 
 StudyCreate = StudySpec  # the request body of POST /studies
 

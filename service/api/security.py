@@ -13,7 +13,7 @@ Order, before any route code runs or any body byte is read:
 3. **Body size.** ``Content-Length`` above ``api_max_body_bytes``: 413 at once; a body without one
    (chunked) is read up to the limit, then 413.
 
-Every answer uses the one error body of :mod:`service.api.errors`. Keys: :mod:`service.auth`.
+Every answer uses the one error body of :mod:`service.api.errors`. Keys: :mod:`service.core.auth`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import anyio
 from starlette.responses import JSONResponse
 
 from service.api.errors import error_body
-from service.auth import KeyEntry, KeyRing, parse_entries
-from service.settings import Settings
+from service.core.auth import KeyEntry, KeyRing, parse_entries
+from service.core.settings import Settings
 
 log = logging.getLogger("service.api")
 

@@ -2,7 +2,7 @@
 
 Status comes from three places: the store (our row), the Ray job of the study's current submission
 (PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED -> CANCELLED; FAILED because the driver was killed or
-lost -> INTERRUPTED, see ``service.jobs.JobInfo.study_status``), and Optuna (trials). ``reconcile``
+lost -> INTERRUPTED, see ``service.core.jobs.JobInfo.study_status``), and Optuna (trials). ``reconcile``
 folds the Ray job status into the row; it runs on every read and in a background loop (so a study
 finishes in the store even when nobody asks, also after an API restart).
 """
@@ -19,11 +19,11 @@ from typing import Any
 
 from service.api.backends import MlflowGateway, OptunaReader, StudyView, TrackingError
 from service.api.errors import ApiError, StateConflict
-from service.jobs import RayJobError, RayJobsClient, RayUnavailable, driver_entrypoint
-from service.paths import PathNotAllowed, check_spec_paths
-from service.settings import Settings
-from service.spec import StudySpec
-from service.store import ActiveLimitReached, IdempotencyConflict, Study, StudyStatus, StudyStore, utcnow
+from service.core.jobs import RayJobError, RayJobsClient, RayUnavailable, driver_entrypoint
+from service.core.paths import PathNotAllowed, check_spec_paths
+from service.core.settings import Settings
+from service.core.spec import StudySpec
+from service.core.store import ActiveLimitReached, IdempotencyConflict, Study, StudyStatus, StudyStore, utcnow
 
 log = logging.getLogger("service.api")
 
@@ -107,7 +107,7 @@ class StudyService:
             )
 
     def check_paths(self, spec: StudySpec) -> None:
-        """422 naming the field for a path outside the data directories (service/paths.py)."""
+        """422 naming the field for a path outside the data directories (service/core/paths.py)."""
         try:
             check_spec_paths(spec, self.settings.data_dirs or [])
         except PathNotAllowed as exc:

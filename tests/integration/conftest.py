@@ -1,9 +1,9 @@
 """Real-stack fixtures: a Ray head, an MLflow server and the API (uvicorn), started by
-:func:`service.local.start_stack` in a temporary home on free ports, stopped by pid at the end.
+:func:`service.launch.local.start_stack` in a temporary home on free ports, stopped by pid at the end.
 
 ``stack`` (session scope) exposes ``.api_url``, ``.ray_dashboard_url``, ``.ray_address`` (GCS address
 for ``ray.init(address=...)``), ``.mlflow_uri``, ``.home`` (str; ``.home_path`` a Path), ``.settings``
-(a :class:`service.settings.Settings` for this stack), ``.env()`` (environment variables pointing
+(a :class:`service.core.settings.Settings` for this stack), ``.env()`` (environment variables pointing
 at it, ``BONN_SWEEP_API_KEY`` included) and ``.api_key`` (the key :func:`start_stack` wrote to
 ``{home}/api-key``; the ``api`` client sends it). The stack is stopped even when tests fail; a
 watchdog process stops it if pytest itself is killed. Set ``BONN_SWEEP_TEST_STACK_HOME`` to reuse a stack started with ``bonn-sweep up`` (or a
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.local import Stack, spawn_watchdog, start_stack, stop_stack
+from service.launch.local import Stack, spawn_watchdog, start_stack, stop_stack
 from tests.conftest import wait_until
 
 

@@ -19,9 +19,9 @@ TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
 def submit_driver_job(jobs: JobSubmissionClient, payload: dict, suffix: str = "") -> str:
-    """Submit ``python -m service.driver`` with ``payload`` as the service does (SIGINT on stop)."""
+    """Submit ``python -m service.sweep.driver`` with ``payload`` as the service does (SIGINT on stop)."""
     return jobs.submit_job(
-        entrypoint=f"{sys.executable} -m service.driver",
+        entrypoint=f"{sys.executable} -m service.sweep.driver",
         submission_id=f"{payload['study_id']}{suffix}-{uuid.uuid4().hex[:4]}",
         metadata={"study_id": payload["study_id"], "study_name": payload["spec"]["name"]},
         runtime_env={"env_vars": {
@@ -59,7 +59,7 @@ def job_payload(spec_dict: dict, *, mlflow_uri: str, optuna_storage: str, tune_s
     the API would send (docs/contracts.md), for a fresh study id ``<id_prefix>-<hex>``."""
     from mlflow import MlflowClient
 
-    from service.spec import StudySpec
+    from service.core.spec import StudySpec
 
     spec = StudySpec.model_validate(spec_dict)
     client = MlflowClient(mlflow_uri)

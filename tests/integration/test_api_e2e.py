@@ -12,7 +12,7 @@ import httpx
 import optuna
 import pytest
 
-from service.local import Stack
+from service.launch.local import Stack
 from tests.conftest import wait_until
 from tests.integration.conftest import wait_for_status
 

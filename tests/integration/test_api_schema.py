@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from service.api.app import create_app  # noqa: E402
 from service.api.deps import get_jobs, get_tracking  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.core.settings import Settings  # noqa: E402
 from tests.conftest import get_free_port, wait_until  # noqa: E402
 from tests.unit.test_api_unit import FakeJobs, FakeTracking  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 A digits study (4 trials x 3 epochs, ASHA grace_period=1, reduction_factor=2 so that some trials are
 stopped early) is submitted through the Jobs API exactly as the API does (entrypoint
-``<python> -m service.driver``, payload in ``BONN_SWEEP_JOB``, ``RAY_JOB_STOP_SIGNAL=SIGINT``); the
+``<python> -m service.sweep.driver``, payload in ``BONN_SWEEP_JOB``, ``RAY_JOB_STOP_SIGNAL=SIGINT``); the
 test then reads Optuna's storage and MLflow directly. The cancel/resume test stops the job after
 the first trial ends (SIGINT through ``stop_job``), resumes it with ``resume=true`` and a larger
 ``num_trials``, and checks the study ends with exactly the requested trials and one MLflow run per

@@ -46,7 +46,7 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-from service.local import Stack  # noqa: E402
+from service.launch.local import Stack  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
 from tests.integration.conftest import wait_for_status  # noqa: E402
 from tests.integration.driver_jobs import epochs_by_trial, kill_pid  # noqa: E402
@@ -211,7 +211,7 @@ def test_driver_killed_mid_sweep_is_interrupted_and_resume_finishes_it(stack: St
     body = api.get(f"/studies/{sid}").json()
     jobs = jobs_of(stack)
     pid = driver_pid(jobs.get_job_logs(body["submission_id"]))
-    kill_pid(pid, expect_in_cmdline="service.driver")
+    kill_pid(pid, expect_in_cmdline="service.sweep.driver")
     print(f"\n[faults] driver pid {pid} SIGKILLed {time.monotonic() - t0:.1f}s after POST; "
           f"trials then: {body['trial_counts']}")
 
@@ -241,8 +241,8 @@ def _kill_api(stack: Stack, api: httpx.Client) -> None:
 
 
 def test_api_restarted_mid_sweep_does_not_disturb_it_and_catches_up(stack: Stack, api: httpx.Client) -> None:
-    from service.local import start_api
-    from service.store import StudyStore
+    from service.launch.local import start_api
+    from service.core.store import StudyStore
 
     n, epochs = 6, 6  # 3 rounds of 2 trials: time for two API restarts before the sweep ends
     t0 = time.monotonic()
@@ -352,7 +352,7 @@ def test_diverging_trial_errors_with_its_reason_and_the_study_goes_on(stack: Sta
 
 
 def test_mlflow_down_30s_mid_sweep_loses_nothing(stack: Stack, api: httpx.Client) -> None:
-    from service.local import ENV_EMBEDDED, _http_ok, _kill_now, _spawn
+    from service.launch.local import ENV_EMBEDDED, _http_ok, _kill_now, _spawn
 
     n, epochs, outage_s = 2, 14, 30.0
     t0 = time.monotonic()

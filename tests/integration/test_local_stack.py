@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.local import STACK_FILE, Stack, _descendants, _proc_start_time, start_api, start_stack, stop_stack
+from service.launch.local import STACK_FILE, Stack, _descendants, _proc_start_time, start_api, start_stack, stop_stack
 from tests.conftest import wait_until
 from tests.integration.conftest import wait_for_status
 
@@ -100,7 +100,7 @@ def test_reconcile_after_api_restart(stack: Stack, api: httpx.Client) -> None:
     body = api.post("/studies", json={**TINY, "name": "restart"}).json()
     sid, sub = body["id"], body["submission_id"]
     api_proc = stack.procs["api"]
-    from service.local import _stop_proc
+    from service.launch.local import _stop_proc
 
     _stop_proc(api_proc, grace_s=15)
     assert not api_proc.alive()
@@ -113,7 +113,7 @@ def test_reconcile_after_api_restart(stack: Stack, api: httpx.Client) -> None:
     start_api(stack)
     expected = {"SUCCEEDED": "SUCCEEDED", "FAILED": "FAILED", "STOPPED": "CANCELLED"}[ray_status]
     # the background loop reconciles it without any GET of the study itself
-    from service.store import StudyStore
+    from service.core.store import StudyStore
 
     store = StudyStore(stack.settings.store_url or "")
     try:

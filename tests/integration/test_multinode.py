@@ -2,9 +2,9 @@
 worker node lost mid-trial.
 
 The cluster: a Ray head (``--num-cpus 1``, runs the study driver as a Ray Job) plus MLflow, started by
-:func:`service.local.start_stack`, and a worker node (``ray start --address=<head GCS> --block``,
+:func:`service.launch.local.start_stack`, and a worker node (``ray start --address=<head GCS> --block``,
 ``--num-cpus 2``, ``--resources '{"bonn_worker": 100}'``, its own ``--temp-dir`` and ports) started by
-:func:`service.local.start_ray_worker` as a separate process group. Tune storage is a folder of this
+:func:`service.launch.local.start_ray_worker` as a separate process group. Tune storage is a folder of this
 machine, which both nodes reach (the stand-in for the shared volume of a real cluster). The head's
 GCS checks node health every second (3 misses = dead) so that a lost node is noticed in seconds.
 
@@ -60,7 +60,7 @@ FAST_HEALTH_CHECK = {  # GCS -> raylet health checks (Ray config via RAY_<name>)
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    from service.local import spawn_watchdog, start_ray_worker, start_stack, stop_stack
+    from service.launch.local import spawn_watchdog, start_ray_worker, start_stack, stop_stack
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     home = tmp_path_factory.mktemp("multinode") / "home"
@@ -83,7 +83,7 @@ def nodes(tmp_path_factory):
 
 
 def _head_id(nodes) -> str:
-    from service.local import ray_nodes
+    from service.launch.local import ray_nodes
 
     (head,) = [n["node_id"] for n in ray_nodes(nodes.stack) if n.get("is_head_node")]
     return head
@@ -139,7 +139,7 @@ def _epochs_by_trial(logs: str) -> dict[str, list[tuple[int, str]]]:
 
 
 def _node(node_id: str) -> str:
-    from service.driver import NODE_ID_CHARS
+    from service.sweep.driver import NODE_ID_CHARS
 
     return node_id[:NODE_ID_CHARS]
 
@@ -185,7 +185,7 @@ def test_trials_run_only_on_the_node_with_the_custom_resource(nodes):
 
 
 def test_worker_node_lost_mid_trial_resumes_from_checkpoint(nodes):
-    from service.local import start_ray_worker, stop_ray_worker
+    from service.launch.local import start_ray_worker, stop_ray_worker
 
     epochs = 4
     payload = _payload(nodes, "multinode node loss", num_trials=3, epochs=epochs, batch_size=16)

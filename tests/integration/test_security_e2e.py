@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.auth import key_id_of
-from service.local import Stack, _descendants, _group_members
+from service.core.auth import key_id_of
+from service.launch.local import Stack, _descendants, _group_members
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration

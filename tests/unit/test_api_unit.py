@@ -18,9 +18,9 @@ from service.api.app import create_app
 from service.api.backends import MlflowGateway, TrackingError
 from service.api.deps import get_jobs, get_tracking
 from service.api.study_service import StudyService, job_error_text, submission_id_for
-from service.jobs import JobInfo, RayJobError, RayUnavailable
-from service.settings import Settings
-from service.store import StudyStatus, utcnow
+from service.core.jobs import JobInfo, RayJobError, RayUnavailable
+from service.core.settings import Settings
+from service.core.store import StudyStatus, utcnow
 
 API_KEY = "unit-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -138,7 +138,7 @@ def test_create_submits_job_with_contract_payload(env) -> None:
     assert body["links"]["ray_job"] == f"http://127.0.0.1:8265/#/jobs/bonn-sweep-{sid}"
 
     (sub,) = jobs.submitted
-    assert sub["entrypoint"] == "/py/bin/python -m service.driver"
+    assert sub["entrypoint"] == "/py/bin/python -m service.sweep.driver"
     assert sub["submission_id"] == f"bonn-sweep-{sid}"
     assert sub["metadata"] == {"study_id": sid, "study_name": "digits smoke", "bonn_sweep": "1"}
     env_vars = sub["runtime_env"]["env_vars"]
@@ -513,7 +513,7 @@ def test_api_process_never_imports_ray(tmp_path: Path) -> None:
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
         "from service.api.app import create_app\n"
-        "from service.settings import Settings\n"
+        "from service.core.settings import Settings\n"
         f"s = Settings(home={str(tmp_path / 'h')!r}, ray_dashboard_url='http://127.0.0.1:9', "
         "mlflow_tracking_uri='http://127.0.0.1:9', api_keys='k')\n"
         "with TestClient(create_app(s, reconcile=False), headers={'Authorization': 'Bearer k'}) as c:\n"
@@ -532,7 +532,7 @@ def test_api_process_never_imports_ray(tmp_path: Path) -> None:
 def test_cli_parse_set_and_build_spec(tmp_path: Path) -> None:
     import argparse
 
-    from service.cli import CliError, build_spec, parse_set
+    from service.launch.cli import CliError, build_spec, parse_set
 
     assert parse_set(["epochs=4", "budget.num_trials=8", "lr=1e-3", "hist_epochs=[0, 2]"]) == {
         "base": {"epochs": 4, "lr": 1e-3, "hist_epochs": [0, 2]},
@@ -558,7 +558,7 @@ def test_cli_parse_set_and_build_spec(tmp_path: Path) -> None:
 def test_cli_error_lines_and_command_index() -> None:
     import httpx
 
-    from service.cli import _command_index, error_lines
+    from service.launch.cli import _command_index, error_lines
 
     r = httpx.Response(422, json={"detail": [{"loc": ["body", "budget", "num_trials"], "msg": "too small", "type": "x"},
                                              {"loc": ["body", "base", "model"], "msg": "unknown", "type": "y"}]})
@@ -570,7 +570,7 @@ def test_cli_error_lines_and_command_index() -> None:
 
 
 def test_cli_unknown_api_is_one_line_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
-    from service.cli import main
+    from service.launch.cli import main
 
     assert main(["--api", "http://127.0.0.1:9", "studies", "list"]) == 1
     err = capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_trial_config_keys_agree_between_packages():
 
 def test_console_script_is_declared():
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'bonn-sweep = "service.cli:main"' in text
+    assert 'bonn-sweep = "service.launch.cli:main"' in text
     bin_dir = Path(sys.executable).parent
     assert (bin_dir / "bonn-sweep").exists(), "the bonn-sweep console script is not installed in the venv"
 

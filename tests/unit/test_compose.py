@@ -219,11 +219,11 @@ def test_settings_env_points_at_compose_services(services: dict) -> None:
 
 
 def test_settings_env_names_exist_in_settings(services: dict) -> None:
-    """Every BONN_SWEEP_* variable the compose file sets is a field of service.settings.Settings."""
-    settings = pytest.importorskip("service.settings")
+    """Every BONN_SWEEP_* variable the compose file sets is a field of service.core.settings.Settings."""
+    settings = pytest.importorskip("service.core.settings")
     fields = {f"BONN_SWEEP_{name.upper()}" for name in settings.Settings.model_fields}
     used = {k for s in services.values() for k in (s.get("environment") or {}) if k.startswith("BONN_SWEEP_")}
-    assert used <= fields, f"not in service/settings.py: {sorted(used - fields)}"
+    assert used <= fields, f"not in service/core/settings.py: {sorted(used - fields)}"
 
 
 def test_ray_token_auth_shared_by_head_workers_and_api(services: dict) -> None:
@@ -294,7 +294,7 @@ def test_api_key_reaches_the_api_only_as_a_secret(model: dict, services: dict) -
 def test_api_requires_keys_for_reads_and_confines_data_paths(services: dict) -> None:
     env = services["api"]["environment"]
     assert env["BONN_SWEEP_API_AUTH_READS"] == "true"
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     settings = Settings(data_dirs=env["BONN_SWEEP_DATA_DIRS"], home="/shared/bonn-sweep")
     assert [str(d) for d in settings.data_dirs] == ["/shared/data"]

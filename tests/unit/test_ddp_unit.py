@@ -165,13 +165,13 @@ def test_batch_smaller_than_world_is_refused(monkeypatch):
 
 # ----------------------------------------------------------------------------- resources of a trial
 def _spec(**resources):
-    from service.spec import StudySpec
+    from service.core.spec import StudySpec
 
     return StudySpec.model_validate({"name": "r", "search_space": "digits-smoke", "resources": resources})
 
 
 def test_trial_bundles_one_per_worker_with_custom_resources():
-    from service.driver import plan_from_spec, trial_bundles
+    from service.sweep.driver import plan_from_spec, trial_bundles
 
     plan = plan_from_spec(_spec(cpus_per_trial=2, gpus_per_trial=1, data_parallel_workers=3,
                                 custom={"bonn_worker": 1}).model_dump(mode="json"))

@@ -16,8 +16,8 @@ pytest.importorskip("ray.tune")
 
 from optuna.trial import TrialState  # noqa: E402
 
-from service import driver  # noqa: E402
-from service.optuna_bridge import (  # noqa: E402
+from service.sweep import driver  # noqa: E402
+from service.sweep.optuna_bridge import (  # noqa: E402
     DefineByRun,
     StudyConcurrencyLimiter,
     StudyOptunaSearch,

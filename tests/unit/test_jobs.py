@@ -1,10 +1,10 @@
-"""service.jobs.JobInfo: which study status a Ray job's end means (INTERRUPTED vs FAILED)."""
+"""service.core.jobs.JobInfo: which study status a Ray job's end means (INTERRUPTED vs FAILED)."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.jobs import JobInfo
+from service.core.jobs import JobInfo
 
 
 def job(status: str, exit_code: int | None = None, error_type: str | None = None) -> JobInfo:

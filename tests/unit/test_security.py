@@ -18,9 +18,9 @@ from service.api.app import create_app
 from service.api.deps import get_jobs, get_tracking
 from service.api.security import TokenBucket
 from service.api.study_service import submission_id_for
-from service.auth import KeyRing, ensure_local_key, hash_key, key_id_of, local_key_path, new_key, parse_entries
-from service.settings import Settings
-from service.store import ActiveLimitReached, StudyStore
+from service.core.auth import KeyRing, ensure_local_key, hash_key, key_id_of, local_key_path, new_key, parse_entries
+from service.core.settings import Settings
+from service.core.store import ActiveLimitReached, StudyStore
 from tests.unit.test_api_unit import SPEC, FakeJobs, FakeTracking
 
 KEY = "env-key-for-tests-0123456789"
@@ -145,7 +145,7 @@ def test_no_keys_configured_refuses_every_write(tmp_path: Path) -> None:
 
 
 def test_keyring_compares_every_entry_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.auth as auth_mod
+    import service.core.auth as auth_mod
 
     entries = parse_entries("a-first-key-123, b-second-key-456, c-third-key-789", source="env")
     calls: list[tuple[bytes, bytes]] = []
@@ -367,7 +367,7 @@ def test_ensure_local_key(tmp_path: Path) -> None:
 
 
 def test_cli_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from service.cli import main
+    from service.launch.cli import main
 
     home = str(tmp_path / "home")
     assert main(["--home", home, "keys", "create", "--name", "ci"]) == 0
@@ -387,7 +387,7 @@ def test_cli_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_cli_sends_local_key_only_to_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from service.cli import api_key, is_loopback_url
+    from service.launch.cli import api_key, is_loopback_url
 
     home = tmp_path / "home"
     home.mkdir()
@@ -406,7 +406,7 @@ def test_cli_sends_local_key_only_to_loopback(tmp_path: Path, monkeypatch: pytes
 def test_cli_explains_401(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import httpx
 
-    from service.cli import Api, CliError
+    from service.launch.cli import Api, CliError
 
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers.get("authorization") == "Bearer k1"
@@ -493,7 +493,7 @@ def test_a_key_created_right_after_a_reload_is_accepted_by_the_next_miss():
     from types import SimpleNamespace
 
     from service.api.security import KeyProvider
-    from service.auth import hash_key, key_id_of, new_key
+    from service.core.auth import hash_key, key_id_of, new_key
 
     rows: list = []
 

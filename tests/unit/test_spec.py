@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from service.spec import StudySpec
+from service.core.spec import StudySpec
 
 GOOD = {"name": "digits smoke", "search_space": "digits-smoke"}
 INLINE = {

@@ -16,7 +16,7 @@ pytest.importorskip("ray.tune")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from service.tracking import (  # noqa: E402
+from service.sweep.tracking import (  # noqa: E402
     MLflowStudyCallback,
     error_reason,
     flatten_config,

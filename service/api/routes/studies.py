@@ -23,7 +23,7 @@ from service.api.schemas import (
     TrialsPublic,
 )
 from service.api.study_service import StudyService
-from service.store import Study, StudyStatus
+from service.core.store import Study, StudyStatus
 
 MAX_OFFSET = 2**31 - 1  # far beyond any page; bigger ones overflowed SQLite's INTEGER (found by schemathesis)
 

@@ -1,7 +1,7 @@
 """The study driver: one process per study, run on the Ray cluster as a Ray Job.
 
-Entry point: ``python -m service.driver`` with the job payload in the environment variable
-``BONN_SWEEP_JOB`` (JSON), or ``python -m service.driver --job-file payload.json`` for local
+Entry point: ``python -m service.sweep.driver`` with the job payload in the environment variable
+``BONN_SWEEP_JOB`` (JSON), or ``python -m service.sweep.driver --job-file payload.json`` for local
 debugging (then ``RAY_ADDRESS`` names the cluster). Payload::
 
     {"study_id", "spec": StudySpec dict (search_space inline), "mlflow_tracking_uri", "experiment_id",
@@ -26,7 +26,7 @@ Exit codes: 0 succeeded; 1 failed (more than ``max_failed_trials`` trials errore
 an exception, model registration failed); 2 bad payload; 130 cancelled (SIGINT -- ``ray job stop``
 with ``RAY_JOB_STOP_SIGNAL=SIGINT``: Tune saves its state first, so the study can be resumed). Any
 other end (SIGKILL, the OOM killer, a lost node) is no decision of the driver: the API reports the
-study ``INTERRUPTED`` (``service.jobs.JobInfo.study_status``), and a resume continues it.
+study ``INTERRUPTED`` (``service.core.jobs.JobInfo.study_status``), and a resume continues it.
 
 Semantics worth knowing:
 
@@ -46,7 +46,7 @@ Semantics worth knowing:
   ``TrainingDiverged: non-finite training loss in epoch 1: ...``) and the MLflow tags ``error_reason``
   and ``error``. A diverging configuration is retried like any error (deterministically diverging again).
 * MLflow down: the MLflow callback queues everything and sends it when the server is back
-  (``service.tracking``); the sweep does not wait for it, except at its end (up to 120 s; 15 s on a
+  (``service.sweep.tracking``); the sweep does not wait for it, except at its end (up to 120 s; 15 s on a
   cancel).
 """
 
@@ -131,7 +131,7 @@ class Payload:
 
 
 def load_payload(argv: list[str] | None = None) -> Payload:
-    ap = argparse.ArgumentParser(prog="python -m service.driver", description="bonn-sweep study driver")
+    ap = argparse.ArgumentParser(prog="python -m service.sweep.driver", description="bonn-sweep study driver")
     ap.add_argument("--job-file", help="read the job payload from this JSON file instead of $" + PAYLOAD_ENV)
     ap.add_argument("study_id", nargs="?", help="optional; must match the payload's study_id")
     args = ap.parse_args(argv)
@@ -151,7 +151,7 @@ def load_payload(argv: list[str] | None = None) -> Payload:
     return p
 
 
-# -- the spec, leniently (service.spec.StudySpec is the validator) ---------------------------------
+# -- the spec, leniently (service.core.spec.StudySpec is the validator) ---------------------------------
 
 
 @dataclass
@@ -186,8 +186,8 @@ class StudyPlan:
 
 
 def plan_from_spec(spec_dict: dict[str, Any], num_trials: int | None = None) -> StudyPlan:
-    from service.spec import DEFAULT_EPOCHS as SPEC_DEFAULT_EPOCHS
-    from service.spec import StudySpec
+    from service.core.spec import DEFAULT_EPOCHS as SPEC_DEFAULT_EPOCHS
+    from service.core.spec import StudySpec
 
     spec = StudySpec.model_validate(spec_dict)
     space = spec.space
@@ -235,7 +235,7 @@ class StudyMonitor(Callback):
 
     def __init__(self, plan: StudyPlan, generator: Any = None, searcher: Any = None):
         self.plan = plan
-        self.generator = generator  # service.optuna_bridge.StudySearchGenerator
+        self.generator = generator  # service.sweep.optuna_bridge.StudySearchGenerator
         self.searcher = searcher
         self.failed = 0
         self.failure_limit_hit = False
@@ -258,7 +258,7 @@ class StudyMonitor(Callback):
 
     def error_reason(self, trial_id: str) -> str | None:
         """Why trial ``trial_id`` errored, one line (from Tune's error file of the trial)."""
-        from service.tracking import trial_error_reason
+        from service.sweep.tracking import trial_error_reason
 
         for t in self._trials:
             if t.trial_id == trial_id:
@@ -325,7 +325,7 @@ class StudyMonitor(Callback):
         self.ended[trial.trial_id] = what
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
-        from service.optuna_bridge import classify_stop, epochs_done, target_epochs
+        from service.sweep.optuna_bridge import classify_stop, epochs_done, target_epochs
 
         last = trial.last_result or {}
         e = epochs_done(last)
@@ -347,7 +347,7 @@ class StudyMonitor(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
         self._ended(trial, "error")
         self.failed += 1
-        from service.tracking import trial_error_reason
+        from service.sweep.tracking import trial_error_reason
 
         echo(f"trial {self._name(trial)} ERROR (after {TRIAL_MAX_FAILURES} retries){self._times(trial)}: "
              f"{trial_error_reason(trial) or '?'}; "
@@ -477,7 +477,7 @@ class StudyDriver:
         import ray
         from ray import tune
 
-        from service.optuna_bridge import (
+        from service.sweep.optuna_bridge import (
             DefineByRun,
             StudyConcurrencyLimiter,
             StudyOptunaSearch,
@@ -486,7 +486,7 @@ class StudyDriver:
             fail_running_trials,
             grid_size,
         )
-        from service.tracking import MLflowStudyCallback
+        from service.sweep.tracking import MLflowStudyCallback
 
         p, plan = self.p, self.plan
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -737,7 +737,7 @@ class StudyDriver:
         ckpt = self._fetch_checkpoint(best)
         import trainables
 
-        from service.tracking import inference_model
+        from service.sweep.tracking import inference_model
 
         model, config = trainables.load_checkpoint_model(ckpt)
         # a local class: cloudpickle stores it by value, so loading needs torch + trainables only

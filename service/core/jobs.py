@@ -27,7 +27,7 @@ RAY_TO_STUDY = {
     "STOPPED": "CANCELLED",
 }
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-#: exit codes of ``python -m service.driver`` when it ends a study itself (service/driver.py EXIT_*:
+#: exit codes of ``python -m service.sweep.driver`` when it ends a study itself (service/sweep/driver.py EXIT_*:
 #: succeeded, failed, bad payload, cancelled). Any other end of a FAILED job means the driver was cut off.
 DRIVER_EXIT_CODES = frozenset({0, 1, 2, 130})
 #: job errors of a driver that was running and was lost with its Ray worker / node
@@ -110,7 +110,7 @@ class JobInfo:
 
 
 def driver_entrypoint(python: str | None = None) -> str:
-    return f"{python or sys.executable} -m service.driver"
+    return f"{python or sys.executable} -m service.sweep.driver"
 
 
 class RayJobsClient:

@@ -100,12 +100,12 @@ def api_url(args: argparse.Namespace) -> str:
         return args.api
     if os.environ.get("BONN_SWEEP_API_URL"):
         return os.environ["BONN_SWEEP_API_URL"]
-    from service.local import Stack
+    from service.launch.local import Stack
 
     stack = Stack.load(home_of(args))
     if stack is not None and stack.api_url:
         return stack.api_url
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     return Settings().api_url or "http://127.0.0.1:8000"
 
@@ -126,7 +126,7 @@ def is_loopback_url(url: str) -> bool:
 def api_key(args: argparse.Namespace, url: str) -> str | None:
     """``BONN_SWEEP_API_KEY``, else the local stack's key file -- the latter only for a loopback URL
     (the local user's key is never sent to another machine)."""
-    from service.auth import CLIENT_ENV, read_local_key
+    from service.core.auth import CLIENT_ENV, read_local_key
 
     if os.environ.get(CLIENT_ENV):
         return os.environ[CLIENT_ENV].strip()
@@ -146,7 +146,7 @@ def home_of(args: argparse.Namespace) -> Path:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from service.local import StackError, start_stack
+    from service.launch.local import StackError, start_stack
 
     t0 = time.monotonic()
     try:
@@ -172,7 +172,7 @@ def print_urls(stack: Any) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from service.local import stop_stack
+    from service.launch.local import stop_stack
 
     stopped = stop_stack(home_of(args), quiet=True, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     console.print("stopped: " + ", ".join(stopped) if stopped else f"nothing was running (home {home_of(args)})")
@@ -180,7 +180,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from service.local import Stack
+    from service.launch.local import Stack
 
     stack = Stack.load(home_of(args))
     if stack is None:
@@ -417,7 +417,7 @@ def watch(api: Api, study_id: str, interval: float = 1.0) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from service.local import Stack, StackError, start_stack
+    from service.launch.local import Stack, StackError, start_stack
 
     home = home_of(args)
     url = args.api or os.environ.get("BONN_SWEEP_API_URL")
@@ -458,8 +458,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _key_store(args: argparse.Namespace) -> Any:
-    from service.settings import Settings
-    from service.store import StudyStore
+    from service.core.settings import Settings
+    from service.core.store import StudyStore
 
     settings = Settings(home=home_of(args))
     settings.ensure_dirs()
@@ -469,7 +469,7 @@ def _key_store(args: argparse.Namespace) -> Any:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from service.auth import hash_key, new_key
+    from service.core.auth import hash_key, new_key
 
     store = _key_store(args)
     try:

@@ -14,10 +14,10 @@ reads the listening sockets of every process of the stack from /proc). Ray needs
 raylet and agents to it or to all interfaces; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's own
 switch for single-machine clusters) its node IP is the loopback address and every Ray server binds
 there. Extra nodes (:func:`start_ray_worker`, multi-node tests) join through
-:mod:`service.ray_loopback`, since plain ``ray start --address`` refuses to with that switch.
+:mod:`service.launch.ray_loopback`, since plain ``ray start --address`` refuses to with that switch.
 
 The API needs a key for every write: :func:`start_stack` makes sure ``{home}/api-key`` (mode 0600)
-holds a key the store knows (service/auth.py); the CLI and :meth:`Stack.env` pick it up from there.
+holds a key the store knows (service/core/auth.py); the CLI and :meth:`Stack.env` pick it up from there.
 
 Ray runs with ``RAY_AUTH_MODE=disabled``: the embedded stack binds every port to 127.0.0.1, and token
 auth would otherwise write ``~/.ray/auth_token``, which then turns token auth on for every later
@@ -241,7 +241,7 @@ class Stack:
     @property
     def api_key(self) -> str | None:
         """The local user's API key of this stack (``{home}/api-key``)."""
-        from service.auth import read_local_key
+        from service.core.auth import read_local_key
 
         return read_local_key(self.home)
 
@@ -267,8 +267,8 @@ class Stack:
 
     @property
     def settings(self) -> Any:
-        """A :class:`service.settings.Settings` pointing at this stack."""
-        from service.settings import Settings
+        """A :class:`service.core.settings.Settings` pointing at this stack."""
+        from service.core.settings import Settings
 
         return Settings(
             home=Path(self.home),
@@ -487,8 +487,8 @@ def start_stack(
 
 def ensure_stack_key(home: Path, extra_env: dict[str, str] | None = None) -> str:
     """The local user's key for the stack in ``home`` (created if missing), in the store the API uses."""
-    from service.auth import ensure_local_key
-    from service.settings import Settings
+    from service.core.auth import ensure_local_key
+    from service.core.settings import Settings
 
     url = (extra_env or {}).get("BONN_SWEEP_STORE_URL") or Settings(home=home).store_url or ""
     Settings(home=home, store_url=url).ensure_dirs()
@@ -620,7 +620,7 @@ def start_ray_worker(
     temp_dir = stack.worker_temp_dirs.get(name) or tempfile.mkdtemp(prefix="bsrayw-", dir="/tmp")
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "service.ray_loopback", "start", "--block",  # `ray start`, loopback-only
+        sys.executable, "-m", "service.launch.ray_loopback", "start", "--block",  # `ray start`, loopback-only
         f"--address={stack.ray_address}",
         f"--temp-dir={temp_dir}",
         "--node-ip-address=127.0.0.1",
@@ -762,11 +762,11 @@ def _reap(pid: int) -> None:
 
 
 def spawn_watchdog(home: str | Path, parent_pid: int | None = None) -> subprocess.Popen:
-    """A detached ``python -m service.local watch`` that stops ``home``'s stack once ``parent_pid``
+    """A detached ``python -m service.launch.local watch`` that stops ``home``'s stack once ``parent_pid``
     (default: this process) is gone. Kill it (by its pid) after a normal :func:`stop_stack`."""
     parent_pid = parent_pid or os.getpid()
     return subprocess.Popen(
-        [sys.executable, "-m", "service.local", "watch", str(Path(home).absolute()), str(parent_pid),
+        [sys.executable, "-m", "service.launch.local", "watch", str(Path(home).absolute()), str(parent_pid),
          str(_proc_start_time(parent_pid) or 0)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -778,9 +778,9 @@ def _watch(home: str, parent_pid: int, parent_start: int) -> None:
     stop_stack(home, remove_temp=True, quiet=True)
 
 
-if __name__ == "__main__":  # python -m service.local watch HOME PID START
+if __name__ == "__main__":  # python -m service.launch.local watch HOME PID START
     if len(sys.argv) == 5 and sys.argv[1] == "watch":
         _watch(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
-        print("usage: python -m service.local watch HOME PARENT_PID PARENT_START_TIME", file=sys.stderr)
+        print("usage: python -m service.launch.local watch HOME PARENT_PID PARENT_START_TIME", file=sys.stderr)
         sys.exit(2)

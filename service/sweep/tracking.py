@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from service.optuna_bridge import (
+from service.sweep.optuna_bridge import (
     STOP_CANCELLED,
     STOP_COMPLETED,
     STOP_EARLY,
@@ -187,7 +187,7 @@ class MLflowStudyCallback(Callback):
         upload: ``all`` (every epoch's checkpoint), ``improved`` (epochs that improve the trial's
             best, the final epoch, and epochs with a plot), ``none``.
         optuna_link: object with ``set_trial_attrs(tune_trial_id, dict)`` and
-            ``trial_number(tune_trial_id)`` (:class:`service.optuna_bridge.StudyOptunaSearch`).
+            ``trial_number(tune_trial_id)`` (:class:`service.sweep.optuna_bridge.StudyOptunaSearch`).
         retries, backoff_s: per MLflow call that fails while the server answers (5xx, 429, ...).
         echo: a function for one-line progress messages (default: the module logger).
         spool_dir: where checkpoint files wait for an upload while MLflow is unreachable (default:

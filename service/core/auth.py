@@ -3,7 +3,7 @@
 A key looks like ``bsk_<id>_<secret>``: ``id`` is 8 hex chars (not secret: it names the key in
 ``bonn-sweep keys list``, in logs and as the rate-limit bucket), ``secret`` 43 url-safe base64 chars
 (32 random bytes). The server stores only ``sha256(key)`` with the id (table ``api_keys`` of the study
-store, :class:`service.store.ApiKey`); a key of 256 random bits needs no slow password hash, sha256 is
+store, :class:`service.core.store.ApiKey`); a key of 256 random bits needs no slow password hash, sha256 is
 preimage-resistant enough. Keys from the environment (``BONN_SWEEP_API_KEYS``, any string an operator
 chooses, or ``sha256:<hex>`` of it) are hashed in memory at start-up and never written anywhere.
 
@@ -125,7 +125,7 @@ def write_private(path: Path, text: str) -> None:
 def ensure_local_key(home: str | Path, store_url: str) -> str:
     """The key in ``{home}/api-key`` if the store knows it (and it is not revoked); else a new key,
     stored hashed and written there (0600). Returns the key."""
-    from service.store import StudyStore
+    from service.core.store import StudyStore
 
     store = StudyStore(store_url)
     try:

@@ -116,7 +116,7 @@ def _apply(row: Study, fields: dict[str, Any]) -> None:
 
 
 class ApiKey(Base):
-    """An API key: only its sha256 is stored (service/auth.py)."""
+    """An API key: only its sha256 is stored (service/core/auth.py)."""
 
     __tablename__ = "api_keys"
 

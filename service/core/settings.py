@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     ray_dashboard_url: str = "http://127.0.0.1:8265"
     ray_dashboard_ui_url: str | None = Field(None, description="browser URL of the dashboard (default: same)")
     ray_auth_token: SecretStr | None = Field(None, description="Bearer token when Ray runs with RAY_AUTH_MODE=token")
-    driver_python: str = Field(sys.executable, description="python on the cluster that runs `-m service.driver`")
+    driver_python: str = Field(sys.executable, description="python on the cluster that runs `-m service.sweep.driver`")
     job_stop_wait_s: int = Field(60, description="RAY_JOB_STOP_WAIT_TIME_S: grace time after SIGINT")
     driver_num_cpus: float = Field(0, ge=0, description="CPUs reserved for the driver process itself")
 
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(5.0, gt=0, description="period of the background status reconcile")
     http_timeout_s: float = Field(10.0, gt=0, description="timeout of calls to Ray's and MLflow's HTTP APIs")
 
-    # API security (service/auth.py, service/api/security.py)
+    # API security (service/core/auth.py, service/api/security.py)
     api_keys: SecretStr | None = Field(
         None,
         description="extra keys the API accepts besides the store's, comma-separated; each a key or "
