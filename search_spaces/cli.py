@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from search_spaces.loading import describe_presets, list_presets, load, preset_text
-from search_spaces.schema import SearchSpaceError
+from search_spaces.errors import SearchSpaceError
 
 __all__ = ["main", "build_parser", "add_spaces_commands", "run"]
 

@@ -1,6 +1,6 @@
 """Loading search spaces: presets shipped in ``search_spaces/presets/*.yaml``, YAML/JSON files, dicts.
 
-Every failure raises :class:`~search_spaces.schema.SearchSpaceError`: an unknown preset, a missing
+Every failure raises :class:`~search_spaces.errors.SearchSpaceError`: an unknown preset, a missing
 or unreadable file and a YAML syntax error are single errors with ``loc == []``; schema errors carry
 their ``loc``. Errors from a file or preset have ``.source`` set to its path or name, so that
 ``str(err)`` reads ``spaces/my.yaml: parameters.lam: low must be < high (low=0.1, high=0.01)``.
@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from search_spaces.schema import SearchSpace, SearchSpaceError, parse_yaml
+from search_spaces.errors import SearchSpaceError
+from search_spaces.models import SearchSpace
+from search_spaces.yaml_io import parse_yaml
 
 __all__ = ["list_presets", "describe_presets", "preset_text", "load_preset", "load_yaml", "load_file", "load"]
 

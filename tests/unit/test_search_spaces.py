@@ -28,8 +28,9 @@ from search_spaces import (
     load_yaml,
 )
 from search_spaces.cli import main
-from search_spaces.optuna import define_by_run, enqueue, sample_configs, to_distribution
-from search_spaces.schema import format_loc, parse_yaml
+from search_spaces.errors import format_loc
+from search_spaces.optuna import sample_configs, to_distribution, to_optuna_distributions
+from search_spaces.yaml_io import parse_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -901,7 +902,7 @@ def test_conditional_parameters_absent_when_condition_false():
 def test_define_by_run_returns_a_copy_of_fixed():
     s = SearchSpace.model_validate(space({"lam": F(0, 1)}, fixed={"lr_milestones": [0.3, 0.6]}))
     trial = optuna.create_study().ask()
-    fixed = define_by_run(s, trial)
+    fixed = s.define_by_run(trial)
     fixed["lr_milestones"].append(0.9)
     assert s.fixed == {"lr_milestones": [0.3, 0.6]}
 
@@ -930,9 +931,9 @@ def test_json_schema_for_api_docs():
 
 def test_to_optuna_distributions_and_ask():
     s = load("bonn-vs-baselines")
-    dists = s.to_optuna_distributions()
+    dists = to_optuna_distributions(s)
     assert list(dists) == ["binarize", "lr", "weight_decay"]
-    assert list(s.to_optuna_distributions(include_conditional=True)) == [
+    assert list(to_optuna_distributions(s, include_conditional=True)) == [
         "binarize",
         "lam",
         "theta",
@@ -951,7 +952,7 @@ def test_enqueue_warm_start_points_run_first():
     s = load("bonn-vs-baselines")
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     assert s.enqueue(study) == 3
-    assert enqueue(s, study) == 3  # skip_if_exists: no duplicates
+    assert s.enqueue(study) == 3  # skip_if_exists: no duplicates
     study.optimize(lambda t: (s.define_by_run(t), 0.0)[1], n_trials=5)
     params = [t.params for t in study.trials]
     assert params[:3] == s.warm_start_points

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 9, second device script (~4 minutes): the graph-mode step with the fused path's math and the
-# activation sign torch.compile'd (fused_bonn=compiled) next to the eager-math fused path, same run.
-# Carry .data (see gpu_issue9.sh) and run:  COMMIT=<sha> bash benchmarks/gpu_issue9_graph.sh
-OUT_DEFAULT=benchmarks/out/gpu9g
+# The training step in graph mode on a GPU (issue 9's second device script, ~4 minutes): the
+# graph-mode step with the fused path's math and the activation sign torch.compile'd
+# (fused_bonn=compiled) next to the eager-math fused path, same run.
+# Carry .data (see gpu_train_step.sh) and run:  COMMIT=<sha> bash benchmarks/gpu_train_step_graph.sh
+OUT_DEFAULT=benchmarks/out/gpu_train_step_graph
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 
 echo "== 2. WRN-22-16 batch 128, graph mode"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 9's device checks as one prepared script (one GPU machine call, ~6 minutes).
+# The training-step speed checks on a GPU (issue 9) as one prepared script (one GPU machine call,
+# ~6 minutes).
 # Carry the CIFAR-10 JPEG bytes (.data/cifar10-jpeg.jpgpack.npz, 54 MiB, made with
 #   python scripts/pack_jpeg_bytes.py pack <CIFAR-10-images checkout> .data/cifar10-jpeg.jpgpack.npz)
-# with carry=[".data"], and run:  COMMIT=<sha> bash benchmarks/gpu_issue9.sh
+# with carry=[".data"], and run:  COMMIT=<sha> bash benchmarks/gpu_train_step.sh
 # Stages, most important first; each has its own time limit and writes under $OUT:
 #   1. CUDA tests: captured step == eager step, fused == reference path (tests/unit/test_cuda_graph.py,
 #      tests/unit/test_fused.py);
@@ -14,7 +15,7 @@
 #   4. CIFAR ResNet-18 at batch 512, CUDA graph and compiled.
 # (The first run of this script, at commit 092d05a, also timed WRN-22-64 and ResNet-18 at batch 128
 # and 512 and WRN-22-16 at 512: see benchmarks/RESULTS.md.)
-OUT_DEFAULT=benchmarks/out/gpu9
+OUT_DEFAULT=benchmarks/out/gpu_train_step
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 
 echo "== 2. WRN-22-16 batch 128"
