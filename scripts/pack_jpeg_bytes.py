@@ -2,7 +2,7 @@
 of the *undecoded* JPEG bytes, and decode such a file back into the uint8 .npz that
 `trainables` reads (dataset=npz).
 
-Why: the CIFAR-10 JPEG copy (../shared/docs/data.md) is ~62 MB as JPEG bytes but ~184 MB decoded,
+Why: the CIFAR-10 JPEG copy (docs/data.md) is ~62 MB as JPEG bytes but ~184 MB decoded,
 and a device call carries at most 64 MiB. Pack here, carry the bytes, decode on the device.
 
     python scripts/pack_jpeg_bytes.py pack   SRC_DIR  OUT.jpgpack.npz

@@ -7,7 +7,7 @@ as it can before any compute is spent:
 2. ``search_space``: a preset name (:func:`search_spaces.load_preset`; never a file path: the API
    must not read its own files) or an inline dict (:func:`search_spaces.load`); its
    ``SearchSpaceError.errors`` become errors located under ``search_space``;
-3. ``base``: keys must be trial-config keys (``search_spaces.schema.TRIAL_CONFIG_KEYS``) and must not
+3. ``base``: keys must be trial-config keys (``search_spaces.TRIAL_CONFIG_KEYS``) and must not
    be searched by the space; then the trial config a trial would really receive -- the space's fixed
    values, one random sample of the space, and ``base`` on top -- is checked by
    :meth:`trainables.config.TrainConfig.from_dict`, so an impossible config (an unknown model, a
@@ -216,7 +216,7 @@ class StudySpec(_Strict):
 
         # -- base: keys ---------------------------------------------------------------------------
         errors: list[InitErrorDetails] = []
-        from search_spaces.schema import TRIAL_CONFIG_KEYS
+        from search_spaces import TRIAL_CONFIG_KEYS
 
         allowed = set(TRIAL_CONFIG_KEYS)
         for key in self.base:
