@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from service.launch.stack_record import Stack
+
 console = Console(soft_wrap=False)
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -34,8 +36,8 @@ def say_dim(message: str) -> None:
     console.print(f"[dim]{message}[/dim]")
 
 
-def print_urls(stack: Any) -> None:
-    """Where the servers of a :class:`~service.launch.stack_record.Stack` answer, its key and logs."""
+def print_urls(stack: Stack) -> None:
+    """Where the servers of the stack answer, its API key file and its logs."""
     t = Table(show_header=False, box=None)
     t.add_row("API", f"{stack.api_url}  (docs: {stack.api_url}/docs)")
     t.add_row("MLflow", stack.mlflow_uri)
