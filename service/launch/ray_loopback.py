@@ -1,8 +1,8 @@
 """``python -m service.launch.ray_loopback start --address=127.0.0.1:PORT ...``: ``ray start`` for one more node
-of the embedded (loopback-only) cluster on this machine (:func:`service.launch.local.start_ray_worker`).
+of the embedded (loopback-only) cluster on this machine (:func:`service.launch.ray_cluster.start_ray_worker`).
 
 The head runs with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's switch that makes its node IP the
-loopback address, so that GCS, raylet and agents listen on 127.0.0.1 only (service/launch/local.py). The same
+loopback address, so that GCS, raylet and agents listen on 127.0.0.1 only (service/launch/ray_cluster.py). The same
 switch makes ``ray start --address=...`` refuse to join ("multi-node clusters are not supported"),
 while without it ``ray start`` rewrites ``127.0.0.1`` to the machine's address and cannot reach the
 loopback-only GCS. Here the switch stays off for everything this node starts (its environment), and

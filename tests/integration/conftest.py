@@ -1,5 +1,5 @@
 """Real-stack fixtures: a Ray head, an MLflow server and the API (uvicorn), started by
-:func:`service.launch.local.start_stack` in a temporary home on free ports, stopped by pid at the end.
+:func:`service.launch.stack.start_stack` in a temporary home on free ports, stopped by pid at the end.
 
 ``stack`` (session scope) exposes ``.api_url``, ``.ray_dashboard_url``, ``.ray_address`` (GCS address
 for ``ray.init(address=...)``), ``.mlflow_uri``, ``.home`` (str; ``.home_path`` a Path), ``.settings``
@@ -21,7 +21,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.launch.local import Stack, spawn_watchdog, start_stack, stop_stack
+from service.launch.stack import start_stack, stop_stack
+from service.launch.stack_record import Stack
+from service.launch.watchdog import spawn_watchdog
 from tests.conftest import wait_until
 
 

@@ -12,7 +12,7 @@ import httpx
 import optuna
 import pytest
 
-from service.launch.local import Stack
+from service.launch.stack_record import Stack
 from tests.conftest import wait_until
 from tests.integration.conftest import wait_for_status
 

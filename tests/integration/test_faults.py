@@ -46,7 +46,7 @@ from mlflow import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-from service.launch.local import Stack  # noqa: E402
+from service.launch.stack_record import Stack  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
 from tests.integration.conftest import wait_for_status  # noqa: E402
 from tests.integration.driver_jobs import epochs_by_trial, kill_pid  # noqa: E402
@@ -241,7 +241,7 @@ def _kill_api(stack: Stack, api: httpx.Client) -> None:
 
 
 def test_api_restarted_mid_sweep_does_not_disturb_it_and_catches_up(stack: Stack, api: httpx.Client) -> None:
-    from service.launch.local import start_api
+    from service.launch.api_server import start_api
     from service.core.store import StudyStore
 
     n, epochs = 6, 6  # 3 rounds of 2 trials: time for two API restarts before the sweep ends
@@ -352,7 +352,8 @@ def test_diverging_trial_errors_with_its_reason_and_the_study_goes_on(stack: Sta
 
 
 def test_mlflow_down_30s_mid_sweep_loses_nothing(stack: Stack, api: httpx.Client) -> None:
-    from service.launch.local import ENV_EMBEDDED, _http_ok, _kill_now, _spawn
+    from service.launch.processes import http_ok as _http_ok, kill_now as _kill_now, spawn as _spawn
+    from service.launch.stack_record import ENV_EMBEDDED
 
     n, epochs, outage_s = 2, 14, 30.0
     t0 = time.monotonic()

@@ -13,7 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.launch.local import STACK_FILE, Stack, _descendants, _proc_start_time, start_api, start_stack, stop_stack
+from service.launch.api_server import start_api
+from service.launch.processes import descendants, proc_start_time, stop_proc
+from service.launch.stack import start_stack, stop_stack
+from service.launch.stack_record import STACK_FILE, Stack
 from tests.conftest import wait_until
 from tests.integration.conftest import wait_for_status
 
@@ -40,7 +43,7 @@ def test_stack_json_records_processes(stack: Stack) -> None:
     assert set(data["procs"]) == {"ray", "mlflow", "api"}
     for name, p in data["procs"].items():
         assert p["pid"] == p["pgid"], f"{name} should lead its own process group"
-        assert _proc_start_time(p["pid"]) == p["start_time"]
+        assert proc_start_time(p["pid"]) == p["start_time"]
     assert all(stack.alive().values())
     # Ray's socket paths stay short enough
     assert len(stack.ray_temp_dir) <= 40
@@ -100,9 +103,7 @@ def test_reconcile_after_api_restart(stack: Stack, api: httpx.Client) -> None:
     body = api.post("/studies", json={**TINY, "name": "restart"}).json()
     sid, sub = body["id"], body["submission_id"]
     api_proc = stack.procs["api"]
-    from service.launch.local import _stop_proc
-
-    _stop_proc(api_proc, grace_s=15)
+    stop_proc(api_proc, grace_s=15)
     assert not api_proc.alive()
 
     def job_done() -> str | None:
@@ -164,14 +165,14 @@ def test_stop_stack_stops_exactly_its_processes(stack: Stack, tmp_path_factory: 
     home = tmp_path_factory.mktemp("second") / "h"
     other = start_stack(home, num_cpus=1, with_api=False)
     try:
-        pids = {p: _proc_start_time(p) for proc in other.procs.values() for p in {proc.pid} | _descendants(proc.pid)}
+        pids = {p: proc_start_time(p) for proc in other.procs.values() for p in {proc.pid} | descendants(proc.pid)}
         assert len(pids) > 5
         t0 = time.monotonic()
         stop_stack(home, remove_temp=True)
         took = time.monotonic() - t0
     finally:
         stop_stack(home, remove_temp=True, quiet=True)
-    alive = [p for p, st in pids.items() if _proc_start_time(p) == st and not _is_zombie(p)]
+    alive = [p for p, st in pids.items() if proc_start_time(p) == st and not _is_zombie(p)]
     assert alive == [], f"left behind: {alive}"
     assert not (home / STACK_FILE).exists()
     assert took < 30

@@ -60,7 +60,9 @@ FAST_HEALTH_CHECK = {  # GCS -> raylet health checks (Ray config via RAY_<name>)
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    from service.launch.local import spawn_watchdog, start_ray_worker, start_stack, stop_stack
+    from service.launch.ray_cluster import start_ray_worker
+    from service.launch.stack import start_stack, stop_stack
+    from service.launch.watchdog import spawn_watchdog
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     home = tmp_path_factory.mktemp("multinode") / "home"
@@ -83,7 +85,7 @@ def nodes(tmp_path_factory):
 
 
 def _head_id(nodes) -> str:
-    from service.launch.local import ray_nodes
+    from service.launch.ray_cluster import ray_nodes
 
     (head,) = [n["node_id"] for n in ray_nodes(nodes.stack) if n.get("is_head_node")]
     return head
@@ -185,7 +187,7 @@ def test_trials_run_only_on_the_node_with_the_custom_resource(nodes):
 
 
 def test_worker_node_lost_mid_trial_resumes_from_checkpoint(nodes):
-    from service.launch.local import start_ray_worker, stop_ray_worker
+    from service.launch.ray_cluster import start_ray_worker, stop_ray_worker
 
     epochs = 4
     payload = _payload(nodes, "multinode node loss", num_trials=3, epochs=epochs, batch_size=16)

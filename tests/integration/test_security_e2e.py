@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from service.core.auth import key_id_of
-from service.launch.local import Stack, _descendants, _group_members
+from service.launch.processes import descendants, group_members
+from service.launch.stack_record import Stack
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
@@ -90,7 +91,7 @@ def test_every_server_of_the_stack_listens_on_loopback_only(stack: Stack) -> Non
     wildcard or the machine's address."""
     pids: set[int] = set()
     for proc in stack.procs.values():
-        pids |= {proc.pid} | _descendants(proc.pid) | _group_members(proc.pgid)
+        pids |= {proc.pid} | descendants(proc.pid) | group_members(proc.pgid)
     sockets = listening_sockets(pids)
     ports = {port for _, port, _ in sockets}
     # the three servers the user talks to are among them (so the inspection itself works)

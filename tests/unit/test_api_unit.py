@@ -532,7 +532,8 @@ def test_api_process_never_imports_ray(tmp_path: Path) -> None:
 def test_cli_parse_set_and_build_spec(tmp_path: Path) -> None:
     import argparse
 
-    from service.launch.cli import CliError, build_spec, parse_set
+    from service.launch.cli_errors import CliError
+    from service.launch.study_commands import build_spec, parse_set
 
     assert parse_set(["epochs=4", "budget.num_trials=8", "lr=1e-3", "hist_epochs=[0, 2]"]) == {
         "base": {"epochs": 4, "lr": 1e-3, "hist_epochs": [0, 2]},
@@ -558,7 +559,8 @@ def test_cli_parse_set_and_build_spec(tmp_path: Path) -> None:
 def test_cli_error_lines_and_command_index() -> None:
     import httpx
 
-    from service.launch.cli import _command_index, error_lines
+    from service.launch.cli import command_index as _command_index
+    from service.launch.cli_errors import error_lines
 
     r = httpx.Response(422, json={"detail": [{"loc": ["body", "budget", "num_trials"], "msg": "too small", "type": "x"},
                                              {"loc": ["body", "base", "model"], "msg": "unknown", "type": "y"}]})

@@ -387,7 +387,7 @@ def test_cli_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_cli_sends_local_key_only_to_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from service.launch.cli import api_key, is_loopback_url
+    from service.launch.api_client import api_key, is_loopback_url
 
     home = tmp_path / "home"
     home.mkdir()
@@ -406,7 +406,8 @@ def test_cli_sends_local_key_only_to_loopback(tmp_path: Path, monkeypatch: pytes
 def test_cli_explains_401(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import httpx
 
-    from service.launch.cli import Api, CliError
+    from service.launch.api_client import Api
+    from service.launch.cli_errors import CliError
 
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers.get("authorization") == "Bearer k1"

@@ -1,0 +1,164 @@
+"""The embedded default: a local Ray head, an MLflow server and the API, started and stopped by pid.
+
+``start_stack(home)`` starts the three as child processes, each in its own session/process group
+(``start_new_session=True``), on 127.0.0.1 and on ports of its own (free ones, or the usual 8265 /
+5000 / 8000 when ``prefer_default_ports`` and they are free), waits until each answers its health
+check and writes everything needed to stop them into ``{home}/stack.json``. ``stop_stack(home)``
+stops exactly those processes: SIGTERM to each recorded leader, then to its process group, a grace
+period, then SIGKILL to whatever is left of those groups and of the recorded processes' descendants
+-- never anything else (``ray stop`` would kill every Ray cluster on the machine, colleagues' included).
+
+Every server of the embedded stack listens on 127.0.0.1 only (tests/integration/test_security_e2e.py
+reads the listening sockets of every process of the stack from /proc; how Ray is made to, in
+service/launch/ray_cluster.py).
+
+Ray runs with ``RAY_AUTH_MODE=disabled``: the embedded stack binds every port to 127.0.0.1, and token
+auth would otherwise write ``~/.ray/auth_token``, which then turns token auth on for every later
+cluster and client of this user. The compose deployment documents how to run with a token
+(``BONN_SWEEP_RAY_AUTH_TOKEN``).
+
+The pieces: service/launch/processes.py (spawn, health waits, stopping by pid), ports.py,
+stack_record.py (``stack.json``), ray_cluster.py, mlflow_server.py, api_server.py, watchdog.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from service.launch.api_server import ensure_stack_key, start_api
+from service.launch.mlflow_server import mlflow_health_url, spawn_mlflow
+from service.launch.ports import PortPicker
+from service.launch.processes import http_ok, stop_proc, wait_healthy
+from service.launch.ray_cluster import WORKER_NODE_PREFIX, ray_jobs_ready, ray_temp_dir_for, spawn_ray_head
+from service.launch.stack_record import STACK_FILE, Stack, server_env
+
+
+def start_stack(
+    home: str | Path,
+    *,
+    num_cpus: int | None = None,
+    with_api: bool = True,
+    prefer_default_ports: bool = False,
+    object_store_mb: int = 300,
+    timeout_s: float = 120.0,
+    log: Callable[[str], None] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Stack:
+    """Start Ray head + MLflow server (+ API) for ``home``; returns the running :class:`Stack`.
+
+    If ``{home}/stack.json`` describes a stack whose processes are all alive, that stack is returned
+    unchanged; a stale file is cleaned up (its leftovers stopped) first.
+    """
+    say = log or (lambda _m: None)
+    home = Path(home).expanduser().absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
+
+    existing = Stack.load(home)
+    if existing is not None:
+        alive = existing.alive()
+        if alive and all(alive.values()) and (existing.api_port is not None or not with_api):
+            say(f"stack already running (home {home})")
+            if with_api:
+                ensure_stack_key(home, extra_env)
+            return existing
+        say("found a stale stack.json: stopping its leftovers")
+        stop_stack(home)
+
+    ports = PortPicker(prefer_defaults=prefer_default_ports)
+    dashboard_port = ports.pick(8265)
+    mlflow_port = ports.pick(5000)
+    api_port = ports.pick(8000) if with_api else None
+    gcs_port = ports.pick()
+    temp_dir, temp_is_tmp = ray_temp_dir_for(home)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+
+    stack = Stack(
+        home=str(home),
+        ray_temp_dir=str(temp_dir),
+        ray_temp_dir_is_tmp=temp_is_tmp,
+        gcs_port=gcs_port,
+        dashboard_port=dashboard_port,
+        mlflow_port=mlflow_port,
+        api_port=api_port,
+        num_cpus=num_cpus or os.cpu_count() or 1,
+    )
+    # The driver runs as a Ray job: server_env makes this source tree importable there even without `pip install -e`.
+    base_env = server_env(extra_env)
+    popens: dict[str, subprocess.Popen] = {}
+    t_start = time.monotonic()
+    try:
+        # (a) Ray head and (b) MLflow server start side by side
+        popens["ray"] = spawn_ray_head(stack, ports, base_env, object_store_mb=object_store_mb)
+        say(f"starting Ray head (dashboard :{dashboard_port}, GCS :{gcs_port}, temp dir {temp_dir})")
+        popens["mlflow"] = spawn_mlflow(stack, base_env)
+        say(f"starting MLflow server (:{mlflow_port}, backend sqlite:///{home}/mlflow.db)")
+
+        stack.timings["ray_s"] = round(
+            wait_healthy("Ray head", ray_jobs_ready(stack.ray_dashboard_url), stack.procs["ray"], popens["ray"], timeout_s), 2
+        )
+        say(f"Ray head up in {stack.timings['ray_s']:.1f}s")
+        stack.timings["mlflow_s"] = round(
+            wait_healthy("MLflow server", http_ok(mlflow_health_url(stack)), stack.procs["mlflow"], popens["mlflow"], timeout_s)
+            + stack.timings["ray_s"], 2
+        )
+        say(f"MLflow up after {stack.timings['mlflow_s']:.1f}s")
+
+        # (c) API, with a key for the local user
+        if with_api:
+            ensure_stack_key(home, extra_env)
+            say(f"starting API (:{api_port})")
+            start_api(stack, base_env=base_env)
+            say(f"API up in {stack.timings['api_s']:.1f}s")
+    except BaseException:
+        stop_stack(home, quiet=True)
+        raise
+    stack.timings["total_s"] = round(time.monotonic() - t_start, 2)
+    stack.save()
+    return stack
+
+
+def stop_stack(
+    home: str | Path | Stack,
+    *,
+    grace_s: float = 20.0,
+    remove_temp: bool = False,
+    quiet: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Stop what :func:`start_stack` recorded for ``home``; returns the names of processes stopped.
+
+    Order: API first (no new submissions), then Ray (its jobs get SIGTERM through the head), then
+    MLflow (last, so a stopping driver can still log). Each leader gets SIGTERM, then the rest of
+    its group, then SIGKILL after ``grace_s``. Only the recorded process groups and the
+    recorded processes' descendants are signalled, and only if the pid still has the recorded start
+    time (a stale stack.json after a reboot never kills a stranger).
+    """
+    say = log or (lambda _m: None)
+    stack = home if isinstance(home, Stack) else Stack.load(home)
+    if stack is None:
+        return []
+    stopped = []
+    workers = sorted(n for n in stack.procs if n.startswith(WORKER_NODE_PREFIX))
+    for name in ("api", *workers, "ray", "mlflow"):
+        proc = stack.procs.get(name)
+        if proc is None or not proc.alive():
+            continue
+        stop_proc(proc, grace_s=grace_s, say=say)
+        stopped.append(name)
+    with contextlib.suppress(FileNotFoundError):
+        (Path(stack.home) / STACK_FILE).unlink()
+    if remove_temp and stack.ray_temp_dir_is_tmp:
+        shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
+    if remove_temp:
+        for d in stack.worker_temp_dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+    if not quiet:
+        say("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return stopped
