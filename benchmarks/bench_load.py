@@ -4,7 +4,7 @@ Idempotency-Key; p50/p99 latency per request kind, and a check that no study was
     .venv/bin/python benchmarks/bench_load.py                       # starts its own stack in a temp home
     .venv/bin/python benchmarks/bench_load.py --api URL --api-key K # against a running stack (creates studies!)
 
-Its own stack (``service.launch.local.start_stack`` in a temporary home, stopped by pid at the end) runs with
+Its own stack (``service.launch.stack.start_stack`` in a temporary home, stopped by pid at the end) runs with
 ``BONN_SWEEP_DRIVER_NUM_CPUS=1000``: every study's Ray job asks for more CPUs than the cluster has, so
 Ray keeps it queued (PENDING) and no trial ever starts -- the POSTs do all their real work (validation,
 store, MLflow experiment + parent run, Ray job submission) without launching 100 sweeps. The rate limit
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = home = None
     url, key = args.api, args.api_key
     if url is None:
-        from service.launch.local import start_stack
+        from service.launch.stack import start_stack
 
         home = Path(tempfile.mkdtemp(prefix="bench-load-")) / "home"
         t0 = time.monotonic()
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(rec.table())
     finally:
         if stack is not None and home is not None:
-            from service.launch.local import stop_stack
+            from service.launch.stack import stop_stack
 
             stopped = stop_stack(home, remove_temp=True, quiet=True)
             print(f"\nstopped: {', '.join(stopped)}")

@@ -62,7 +62,7 @@ def main() -> int:
     if args.api:
         api_url, mlflow_uri = args.api, args.mlflow
     else:
-        from service.launch.local import start_stack
+        from service.launch.stack import start_stack
 
         home = Path(tempfile.mkdtemp(prefix="bsbench-")) / "home"
         t0 = time.monotonic()
@@ -77,7 +77,7 @@ def main() -> int:
             results.update(bench_study(api, mlflow_uri, args.trials, args.epochs))
     finally:
         if stack is not None:
-            from service.launch.local import stop_stack
+            from service.launch.stack import stop_stack
 
             t0 = time.monotonic()
             stop_stack(stack, remove_temp=True)

@@ -21,7 +21,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 def get_free_port() -> int:
     """A TCP port free right now on 127.0.0.1."""
-    from service.launch.local import free_port
+    from service.launch.ports import free_port
 
     return free_port()
 

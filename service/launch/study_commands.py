@@ -25,7 +25,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED"}
 def parse_set(items: list[str]) -> dict[str, Any]:
     """``["epochs=4", "budget.num_trials=8"]`` -> nested dict; a bare key goes to ``base``; values are YAML
     (``1e-3`` is a number)."""
-    from search_spaces.schema import SearchSpaceError, parse_yaml
+    from search_spaces import SearchSpaceError, parse_yaml
 
     out: dict[str, Any] = {}
     for item in items:
@@ -55,7 +55,7 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The study spec of ``studies create``: FILE or ``--preset``, then ``--name``, ``--trials``, ``--set``."""
-    from search_spaces.schema import SearchSpaceError, parse_yaml
+    from search_spaces import SearchSpaceError, parse_yaml
 
     if args.file and args.preset:
         raise CliError("give a study FILE or --preset NAME, not both")

@@ -2,9 +2,9 @@
 worker node lost mid-trial.
 
 The cluster: a Ray head (``--num-cpus 1``, runs the study driver as a Ray Job) plus MLflow, started by
-:func:`service.launch.local.start_stack`, and a worker node (``ray start --address=<head GCS> --block``,
+:func:`service.launch.stack.start_stack`, and a worker node (``ray start --address=<head GCS> --block``,
 ``--num-cpus 2``, ``--resources '{"bonn_worker": 100}'``, its own ``--temp-dir`` and ports) started by
-:func:`service.launch.local.start_ray_worker` as a separate process group. Tune storage is a folder of this
+:func:`service.launch.ray_cluster.start_ray_worker` as a separate process group. Tune storage is a folder of this
 machine, which both nodes reach (the stand-in for the shared volume of a real cluster). The head's
 GCS checks node health every second (3 misses = dead) so that a lost node is noticed in seconds.
 
