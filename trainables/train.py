@@ -41,7 +41,7 @@ STE mask ``|w X| <= 1`` already starves weights outside).
 
 Runtime: on CUDA, bf16 autocast (``amp``) and channels_last (``channels_last``) by default, optional
 ``torch.compile`` of the model. Also on CUDA by default: ``fused_bonn`` (every BONN layer's binary
-kernel and the kernel loss in one autograd node, ``trainables.fused``; same values and gradients as
+kernel and the kernel loss in one autograd node, ``trainables.fast.fused``; same values and gradients as
 the per-layer reference) and ``cuda_graph`` (the whole step captured as a CUDA graph per batch shape
 and feature-loss state after 3 eager warm-up steps, then replayed; the scheduler writes the learning
 rates into device tensors the graph reads; not with data parallelism). Loss sums and correct counts
@@ -370,9 +370,18 @@ class Trainer:
         fb = cfg.fused_bonn if cfg.fused_bonn != "auto" else (FUSED_BONN_AUTO_CUDA if on_cuda else False)
         self.fused = self.bonn and not cfg.compile and bool(fb)
         self.compile_math = self.fused and fb == "compiled"
-        from .binarize import use_compiled_sign
+        # this Trainer's own choices, passed down (nothing process-wide): the activations' sign of its
+        # layers and the kernel loss (all layers in one node on CUDA, else the per-layer reference)
+        if self.compile_math:
+            from .fast.compiled import compiled_sign
+            from .layers import set_activation_sign
 
-        use_compiled_sign(self.compile_math)  # process-wide: the last Trainer built decides
+            set_activation_sign(self.model, compiled_sign())
+        if on_cuda:
+            from .fast.fused import kernel_loss_all_layers as kernel_loss
+        else:
+            from .losses import bayesian_kernel_loss as kernel_loss
+        self.kernel_loss = kernel_loss
         if want_graph and not self.use_graph and log is not None and cfg.cuda_graph is True:
             log("[I] cuda_graph=true ignored: needs CUDA and a single process (not data-parallel)")
         if self.use_graph:
@@ -475,7 +484,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
                             cache_enabled=not self.use_graph):
             if self.fused:
-                from .fused import bonn_kernels_and_loss
+                from .fast.fused import bonn_kernels_and_loss
                 from .layers import precomputed_kernels
 
                 kernels, kl = bonn_kernels_and_loss(self.layers, self.cfg.lam if self.kernel_on else 0.0,
@@ -492,9 +501,7 @@ class Trainer:
         loss = ce
         if self.kernel_on:
             if not self.fused:
-                from .losses import bayesian_kernel_loss
-
-                kl = bayesian_kernel_loss(self.layers, self.cfg.lam, self.cfg.nu)
+                kl = self.kernel_loss(self.layers, self.cfg.lam, self.cfg.nu)
             loss = loss + kl
         if self.feature_on:
             fl = self.feature_loss(feats.float(), y)

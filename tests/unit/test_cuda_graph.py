@@ -61,7 +61,7 @@ def test_captured_steps_match_eager_steps_with_a_changing_lr():
 
 
 def test_compiled_math_in_a_captured_step_matches_eager_math():
-    from trainables.compiled import SafeCompiled
+    from trainables.fast.compiled import SafeCompiled
 
     tr_c, p_c, _, s_c = _run(graph=True, fused="compiled")
     assert tr_c.compile_math and tr_c._graphs and tr_c.graph_failed is None

@@ -8,7 +8,7 @@ from trainables import fit
 from trainables.binarize import ApproxSignSTE, BonnWeightBinarize, SignSTE, XnorWeightBinarize
 from trainables.config import ConfigError, TrainConfig
 from trainables.dynamics import Dynamics
-from trainables.fused import bonn_kernels_and_loss
+from trainables.fast.fused import bonn_kernels_and_loss
 from trainables.layers import bonn_layers
 from trainables.models import backbone_convs, build_model
 from trainables.train import Trainer, build_param_groups
