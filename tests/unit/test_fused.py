@@ -239,3 +239,28 @@ def test_two_trainers_with_different_fused_bonn_do_not_interfere():
     for tr, fused in ((a, True), (b, False)):
         for n, p in state(tr).items():
             assert torch.equal(p, alone[fused][n]), (fused, n)
+
+
+REFERENCE_MODULES = ("binarize", "layers", "losses", "metrics", "models", "flat_layout")
+
+
+def test_reference_math_never_imports_the_fast_path():
+    """Dependency direction: trainables.fast -> reference, never back (no import, not even a lazy one)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[2] / "trainables"
+    for name in REFERENCE_MODULES:
+        for node in ast.walk(ast.parse((pkg / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not target.startswith((".fast", "trainables.fast")), (name, target)
+                assert not (target == "." and any(a.name == "fast" for a in node.names)), name
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("trainables.fast") for a in node.names), name
+    code = ("import sys; " + "; ".join(f"import trainables.{m}" for m in REFERENCE_MODULES)
+            + "; print([m for m in sys.modules if m.startswith('trainables.fast')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -53,7 +53,8 @@ class _Options:
 def _forward_math(plan: FlatPlan, lam: float, nu: float, need: tuple[bool, bool, bool, bool], out_dtype,
                   X: torch.Tensor, w_flat: torch.Tensor, mu_sigma: torch.Tensor):
     """Flat forward: ``X`` (N,), ``w_flat`` = cat(w) (sum P_l,), ``mu_sigma`` = cat(mu, sigma) (2F,) ->
-    ``(L_K, kernels in out_dtype, w_x, [lam*dL_K/dX], [lam*r], [dL_K/dmu], [dL_K/dsigma])``.
+    ``(L_K, kernels in out_dtype, w_x, [dL_K/dX], [lam*r], [dL_K/dmu], [dL_K/dsigma])`` (a gradient is
+    None unless ``need`` asks for it, and all are None when ``lam == 0``).
 
     The formulas are those of ``BonnWeightBinarize`` and ``bayesian_kernel_loss`` (their docstrings);
     ``r = w X - X_hat`` is the reconstruction residual.
@@ -82,7 +83,7 @@ def _forward_math(plan: FlatPlan, lam: float, nu: float, need: tuple[bool, bool,
         if need_X:
             dX = lam * (w_x * r + nu_sigma_inv2_x * d * s)  # Eq. 13
         if need_w:
-            lam_r = lam * r  # Eq. 16 is sum_i lam r X_i: the sum is taken in backward, with Eq. 15's
+            lam_r = lam * r  # Eq. 16 (dL_K/dw = sum_i lam r X_i): summed in backward, together with Eq. 15
         if need_mu:
             dmu = -lam * nu_sigma_inv2 * inv_K * filter_sum_d  # Eq. 17
         if need_sigma:
