@@ -373,6 +373,7 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
 
     Inside an initialised ``torch.distributed`` process group of W > 1 workers, every worker calls
     ``fit`` and the training is data-parallel (``trainables.distributed``)."""
+    # -------- 1. runtime, data, model, Trainer
     log = log or (lambda s: print(s, flush=True))
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     dist = DistContext()
@@ -396,7 +397,8 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
     data_gen = torch.Generator(device=device)
     data_gen.manual_seed(cfg.seed)
 
-    # only rank 0 reads and writes checkpoints; the others get its state by broadcast
+    # -------- 2. resume (trainables.checkpoint): only rank 0 reads and writes checkpoints; the others
+    # get its state by broadcast
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None and dist.rank == 0 else None
     ckpath = ckdir / CHECKPOINT_NAME if ckdir is not None else None
     start, best, history = 0, {"val_acc": -1.0, "epoch": 0}, []
@@ -424,6 +426,7 @@ def fit(config: Mapping[str, Any] | TrainConfig, report: Callable[[dict], Any] |
             if w0 is not None:
                 write_histogram(w0, ckdir / hist_name(0), 0, f"{cfg.model}/{cfg.binarize}", log)
 
+    # -------- 3. epochs: train, check, evaluate, metrics, checkpoint, report
     metrics: dict[str, float] = dict(history[-1]) if history else {}
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
