@@ -104,8 +104,8 @@ def measure(cfg: TrainConfig, device, amp, cl, batches, in_ch, size, num_classes
     dt = time.perf_counter() - t0
     if not all(v == v for v in sums.values()):
         print(f"warning: non-finite loss in {cfg.binarize}", file=sys.stderr)
-    if trainer.graph_failed:
-        print(f"warning: CUDA graph capture failed ({trainer.graph_failed}); timed eagerly", file=sys.stderr)
+    if trainer.captured.failed:
+        print(f"warning: CUDA graph capture failed ({trainer.captured.failed}); timed eagerly", file=sys.stderr)
     if profile:
         _profile(trainer, batches, profile, device, cfg)
     return steps * cfg.batch_size / dt
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
                                else _batches_real(data, args.batch_size, device))
                     prof = args.profile if (r == 0 and mode in ("none", "bonn", "bonn-c") and exe in profile_execs
                                             and name == sources[0][0]) else 0
-                    # a captured step needs graph_warmup eager steps and the capture first
+                    # a captured step needs captured.warmup eager steps and the capture first
                     wu = max(warmup, 6) if exe != "eager" else warmup
                     vals.append(measure(cfg, device, amp, cl, batches, in_ch, size, ncls, args.steps, wu,
                                         profile=prof))

@@ -9,12 +9,12 @@ from .config import TRIAL_CONFIG_KEYS, ConfigError, TrainConfig
 __all__ = ["fit", "ConfigError", "TrainingDiverged", "TrainConfig", "TRIAL_CONFIG_KEYS",
            "load_checkpoint_model"]
 
-_LAZY = {"fit", "TrainingDiverged", "load_checkpoint_model"}
+_LAZY = {"fit": "train", "TrainingDiverged": "train", "load_checkpoint_model": "checkpoint"}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        from . import train
+        import importlib
 
-        return getattr(train, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,7 +32,7 @@ __all__ = [
     "bonn_binarize",
     "clipped_grad",
     "sign",
-    "use_compiled_sign",
+    "sign_traceable",
     "xnor_binarize",
 ]
 
@@ -50,25 +50,9 @@ def _plus_minus_one(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pm
 
 
-def _sign_traced(x: torch.Tensor) -> torch.Tensor:
+def sign_traceable(x: torch.Tensor) -> torch.Tensor:
+    """:func:`sign` in the form ``torch.compile`` traces into one kernel (same values)."""
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-
-_COMPILED_SIGN = None
-
-
-def use_compiled_sign(enabled: bool) -> None:
-    """Make :func:`sign` of CUDA tensors one compiled kernel (instead of a compare and a ``where``).
-
-    Process-wide; set by ``Trainer`` from ``fused_bonn`` (``compiled``). Same values either way.
-    """
-    global _COMPILED_SIGN
-    if not enabled:
-        _COMPILED_SIGN = None
-    elif _COMPILED_SIGN is None:
-        from .compiled import SafeCompiled
-
-        _COMPILED_SIGN = SafeCompiled(_sign_traced, dynamic=True)
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +61,7 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     Same dtype and device as ``x``. Not differentiable by itself (use :class:`SignSTE`).
     """
     if torch.compiler.is_compiling():
-        return _sign_traced(x)
-    if _COMPILED_SIGN is not None and x.is_cuda:
-        return _COMPILED_SIGN(x)
+        return sign_traceable(x)
     one, minus_one = _plus_minus_one(x)
     return torch.where(x >= 0, one, minus_one)
 
@@ -105,20 +87,23 @@ class SignSTE(torch.autograd.Function):
     Backward: ``dL/dx = dL/dy * 1{|x| <= c}`` (hard-tanh STE; ``c`` = ``clip``, default 1, config
     ``act_clip``).
 
+    ``sign_fn``: the implementation of the forward sign (default :func:`sign`; a ``Trainer`` with
+    ``fused_bonn: compiled`` passes a compiled one with the same values to its own layers).
+
     Source: BNN (Courbariaux et al. 2016, arXiv 1602.02830); the BONN first author's CUDA extension
     (jxgu1016/BinActivateFunc_PyTorch) uses the same rule for activations.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, clip: float = 1.0, sign_fn=None) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.clip = float(clip)
-        return sign(x)
+        return sign(x) if sign_fn is None else sign_fn(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return clipped_grad(grad_out, x, ctx.clip), None
+        return clipped_grad(grad_out, x, ctx.clip), None, None
 
 
 class ApproxSignSTE(SignSTE):
@@ -133,7 +118,7 @@ class ApproxSignSTE(SignSTE):
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         c = ctx.clip
-        return grad_out * (2.0 / c - (2.0 / (c * c)) * x.abs()).clamp_(min=0.0), None
+        return grad_out * (2.0 / c - (2.0 / (c * c)) * x.abs()).clamp_(min=0.0), None, None
 
 
 #: Names accepted by :func:`binarize_activation` (``act_ste`` of the binary conv layers).

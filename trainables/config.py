@@ -1,8 +1,14 @@
-"""The flat trial config: one frozen dataclass, validated field by field.
+"""The flat trial config: one frozen dataclass made of chapters, validated chapter by chapter.
 
 `TrainConfig.from_dict(d)` is the only way in. Missing keys take the defaults below (the paper's
 CIFAR/WRN values where the paper states one, see docs/contracts.md); unknown keys and every broken
 rule raise `ConfigError` whose message is ``"<field>: <rule> (got <value>)"``.
+
+The keys stay flat (the contract: `TRIAL_CONFIG_KEYS`, in the order of the table in
+docs/contracts.md); for reading, they are declared in chapters, one small frozen dataclass each,
+which `TrainConfig` inherits: BONN loss weights, optimiser, lr schedule, BONN update rules, model,
+data and run length, runtime. Each chapter has its validation function (field rules) and, where
+fields of the chapter depend on each other, a check that runs after every field has passed.
 
 Choices this module makes where the contract is silent (all visible in `to_dict()` and logged by `fit`):
 
@@ -19,9 +25,11 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-__all__ = ["ConfigError", "TrainConfig", "TRIAL_CONFIG_KEYS", "MODELS", "DATASETS", "BLOCK_STYLES"]
+__all__ = ["ConfigError", "TrainConfig", "TRIAL_CONFIG_KEYS", "MODELS", "DATASETS", "BLOCK_STYLES",
+           "LossWeightsConfig", "OptimiserConfig", "ScheduleConfig", "BonnUpdatesConfig", "ModelConfig", "DataConfig",
+           "RuntimeConfig"]
 
 
 class ConfigError(ValueError):
@@ -53,86 +61,7 @@ BLOCK_STYLES = {
 }
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    # BONN loss weights (Eq. 9)
-    lam: float = 1e-4
-    theta: float = 1e-3
-    nu: float = 1e-4
-    # optimisation
-    lr: float = 0.01
-    lr_slow_ratio: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    adam_beta2: float = 0.999
-    latent_lr_ratio: float = 1.0
-    latent_weight_decay: float | None = None
-    schedule: str = "step"
-    lr_milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
-    lr_gamma: float = 0.2
-    warmup_epochs: int = 0
-    feature_loss_start_epoch: int = 0
-    center_lr: float = 0.5
-    mu_sigma_update: str = "sgd"
-    # binary layers: initialisation and straight-through estimators (choices the paper leaves open)
-    latent_init_scale: float = 1.0
-    w_init: float | str = "mean_abs"
-    ste_clip: float = 1.0
-    act_clip: float = 1.0
-    # network
-    model: str = "small_cnn"
-    width: int = 16
-    block_style: str | None = None
-    shortcut: str = "fp_1x1"
-    dropout: float = 0.0
-    binarize: str = "bonn"
-    # data and run
-    dataset: str = "digits"
-    data_root: str | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    seed: int = 0
-    val_fraction: float = 0.1
-    device: str = "auto"
-    amp: bool | str = "auto"
-    channels_last: bool | str = "auto"
-    compile: bool = False
-    cuda_graph: bool | str = "auto"
-    fused_bonn: bool | str = "auto"  # true | false | "compiled" | "auto"
-    hist_epochs: tuple[int, ...] = (0, 2, 20, 200)
-    num_threads: int = 0
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None = None) -> "TrainConfig":
-        d = dict(d or {})
-        for key in d:
-            if key not in TRIAL_CONFIG_KEYS:
-                close = difflib.get_close_matches(str(key), TRIAL_CONFIG_KEYS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(str(key), f"unknown trial-config key{hint}", d[key])
-        values = {f.name: f.default for f in dataclasses.fields(cls)}
-        values.update(d)
-        out = {name: _RULES[name](name, values[name]) for name in TRIAL_CONFIG_KEYS}
-        _check_cross_field(out)
-        return cls(**out)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        """A validated copy with some fields changed."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
-
-
-TRIAL_CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
-
-
-# ---------------------------------------------------------------------- rules
+# ====================================================================== field rules (shared)
 def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -277,63 +206,226 @@ def _w_init(name, v):
     raise ConfigError(name, "must be 'mean_abs' or a number > 0", v)
 
 
-def _block_style(name, v):  # checked against the model in _check_cross_field
-    return _optional_str(name, v)
+Rules = Mapping[str, Callable[[str, Any], Any]]
 
 
-_RULES = {
-    "lam": _ge(0),
-    "theta": _ge(0),
-    "nu": _gt(0),
-    "lr": _gt(0),
-    "lr_slow_ratio": _gt(0),
-    "momentum": _interval(0, 1, closed_lo=True),
-    "weight_decay": _ge(0),
-    "optimizer": _choice(OPTIMIZERS),
-    "adam_beta2": _interval(0, 1),
-    "latent_lr_ratio": _gt(0),
-    "latent_weight_decay": _optional_ge0,
-    "schedule": _choice(SCHEDULES),
-    "lr_milestones": _milestones,
-    "lr_gamma": _interval(0, 1, closed_hi=True),
-    "warmup_epochs": _int_ge(0),
-    "feature_loss_start_epoch": _int_ge(0),
-    "center_lr": _gt(0),
-    "mu_sigma_update": _choice(MU_SIGMA_UPDATES),
-    "latent_init_scale": _gt(0),
-    "w_init": _w_init,
-    "ste_clip": _gt(0),
-    "act_clip": _gt(0),
-    "model": _choice(MODELS),
-    "width": _int_ge(1),
-    "block_style": _block_style,
-    "shortcut": _choice(SHORTCUTS),
-    "dropout": _interval(0, 1, closed_lo=True),
-    "binarize": _choice(BINARIZE),
-    "dataset": _choice(DATASETS),
-    "data_root": _optional_str,
-    "epochs": _int_ge(1),
-    "batch_size": _int_ge(1),
-    "seed": _any_int,
-    "val_fraction": _interval(0, 1),
-    "device": _choice(DEVICES),
-    "amp": _bool_or_auto,
-    "channels_last": _bool_or_auto,
-    "compile": _bool,
-    "cuda_graph": _bool_or_auto,
-    "fused_bonn": _fused_bonn,
-    "hist_epochs": _hist_epochs,
-    "num_threads": _int_ge(0),
-}
-assert set(_RULES) == set(TRIAL_CONFIG_KEYS)
+def _apply(rules: Rules, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of ``rules`` validated (and normalised) by its rule, in declaration order."""
+    return {name: rule(name, values[name]) for name, rule in rules.items()}
 
 
-def _check_cross_field(out: dict[str, Any]) -> None:
+# ====================================================================== chapter 1: BONN loss weights
+@dataclass(frozen=True)
+class LossWeightsConfig:
+    """The weights of BONN's Bayesian losses in the full objective (docs/bonn-method.md section 2.2):
+    ``lam`` (lambda) of the kernel loss, ``theta`` of the feature loss (0: off), ``nu`` the variance of
+    the quantization error inside the kernel loss."""
+
+    lam: float = 1e-4
+    theta: float = 1e-3
+    nu: float = 1e-4
+
+
+def _validate_loss_weights(v: Mapping[str, Any]) -> dict[str, Any]:
+    return _apply({"lam": _ge(0), "theta": _ge(0), "nu": _gt(0)}, v)
+
+
+# ====================================================================== chapter 2: optimiser
+@dataclass(frozen=True)
+class OptimiserConfig:
+    """The optimiser and its parameter groups (``trainables.optim``): base ``lr``; ``lr_slow_ratio``
+    scales it for ``w``, ``sigma`` and ``log_var`` (the paper: 0.01 vs 0.1); ``momentum`` (Adam's
+    beta1); ``weight_decay``; ``optimizer`` sgd | adam | adamw (``adam_beta2``); the latent kernels'
+    own lr ratio and weight decay (``latent_weight_decay`` null: ``weight_decay``)."""
+
+    lr: float = 0.01
+    lr_slow_ratio: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    adam_beta2: float = 0.999
+    latent_lr_ratio: float = 1.0
+    latent_weight_decay: float | None = None
+
+
+def _validate_optimiser(v: Mapping[str, Any]) -> dict[str, Any]:
+    return _apply({"lr": _gt(0), "lr_slow_ratio": _gt(0), "momentum": _interval(0, 1, closed_lo=True),
+                   "weight_decay": _ge(0), "optimizer": _choice(OPTIMIZERS), "adam_beta2": _interval(0, 1),
+                   "latent_lr_ratio": _gt(0), "latent_weight_decay": _optional_ge0}, v)
+
+
+# ====================================================================== chapter 3: lr schedule
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The per-step lr factor (``trainables.schedule``): ``step`` (times ``lr_gamma`` at each fraction
+    of ``lr_milestones`` of the epochs) or ``cosine``, after an optional linear warm-up of
+    ``warmup_epochs``."""
+
+    schedule: str = "step"
+    lr_milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
+    lr_gamma: float = 0.2
+    warmup_epochs: int = 0
+
+
+def _validate_schedule(v: Mapping[str, Any]) -> dict[str, Any]:
+    return _apply({"schedule": _choice(SCHEDULES), "lr_milestones": _milestones,
+                   "lr_gamma": _interval(0, 1, closed_hi=True), "warmup_epochs": _int_ge(0)}, v)
+
+
+# ====================================================================== chapter 4: BONN update rules
+@dataclass(frozen=True)
+class BonnUpdatesConfig:
+    """When and how BONN's own terms and parameters move: the feature loss from epoch
+    ``feature_loss_start_epoch`` (0-based), the class centres by the center-loss rule at the fixed rate
+    ``center_lr``, ``mu``/``sigma`` by the optimiser (``sgd``) or set to their exact minimisers after
+    each step (``closed_form``)."""
+
+    feature_loss_start_epoch: int = 0
+    center_lr: float = 0.5
+    mu_sigma_update: str = "sgd"
+
+
+def _validate_bonn_updates(v: Mapping[str, Any]) -> dict[str, Any]:
+    return _apply({"feature_loss_start_epoch": _int_ge(0), "center_lr": _gt(0),
+                   "mu_sigma_update": _choice(MU_SIGMA_UPDATES)}, v)
+
+
+# ====================================================================== chapter 5: model
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (``trainables.models``) and its binary layers (``trainables.layers``): the choices
+    the paper leaves open for the binary layers (latent init scale, initial ``w``, the STE bounds of
+    the weights and the activations), then ``model``, ``width``, ``block_style`` (null: the model's
+    default), ``shortcut``, ``dropout`` and ``binarize`` (bonn | xnor | none)."""
+
+    latent_init_scale: float = 1.0
+    w_init: float | str = "mean_abs"
+    ste_clip: float = 1.0
+    act_clip: float = 1.0
+    model: str = "small_cnn"
+    width: int = 16
+    block_style: str | None = None
+    shortcut: str = "fp_1x1"
+    dropout: float = 0.0
+    binarize: str = "bonn"
+
+
+def _validate_model(v: Mapping[str, Any]) -> dict[str, Any]:
+    return _apply({"latent_init_scale": _gt(0), "w_init": _w_init, "ste_clip": _gt(0), "act_clip": _gt(0),
+                   "model": _choice(MODELS), "width": _int_ge(1), "block_style": _optional_str,
+                   "shortcut": _choice(SHORTCUTS), "dropout": _interval(0, 1, closed_lo=True),
+                   "binarize": _choice(BINARIZE)}, v)
+
+
+def _check_model(out: dict[str, Any]) -> None:
+    """``block_style`` against ``model``; null resolves to the model's default (in place)."""
     styles = BLOCK_STYLES[out["model"]]
     if out["block_style"] is None:
         out["block_style"] = styles[0]
     elif out["block_style"] not in styles:
         raise ConfigError("block_style", f"must be one of {list(styles)} for model {out['model']!r}",
                           out["block_style"])
+
+
+# ====================================================================== chapter 6: data and run length
+@dataclass(frozen=True)
+class DataConfig:
+    """The data (``trainables.data``; docs/data.md) and how long and in what order it is seen:
+    ``dataset`` and its ``data_root``, ``epochs``, the global ``batch_size``, ``seed`` (weights, data
+    order, augmentation, validation split) and ``val_fraction``."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    val_fraction: float = 0.1
+
+
+def _validate_data(v: Mapping[str, Any]) -> dict[str, Any]:
+    return _apply({"dataset": _choice(DATASETS), "data_root": _optional_str, "epochs": _int_ge(1),
+                   "batch_size": _int_ge(1), "seed": _any_int, "val_fraction": _interval(0, 1)}, v)
+
+
+def _check_data(out: dict[str, Any]) -> None:
     if out["dataset"] != "digits" and out["data_root"] is None:
         raise ConfigError("data_root", f"required for dataset {out['dataset']!r}", None)
+
+
+# ====================================================================== chapter 7: runtime
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how fast it runs (same numbers, to rounding, whatever is chosen): ``device``, bf16
+    ``amp``, ``channels_last``, ``compile`` (torch.compile the model), ``cuda_graph`` (capture the
+    step), ``fused_bonn`` (true | false | "compiled" | "auto": all BONN layers in one autograd node,
+    ``trainables.fast``); and the outputs/threads: ``hist_epochs``, ``num_threads`` (0: as is)."""
+
+    device: str = "auto"
+    amp: bool | str = "auto"
+    channels_last: bool | str = "auto"
+    compile: bool = False
+    cuda_graph: bool | str = "auto"
+    fused_bonn: bool | str = "auto"  # true | false | "compiled" | "auto"
+    hist_epochs: tuple[int, ...] = (0, 2, 20, 200)
+    num_threads: int = 0
+
+
+def _validate_runtime(v: Mapping[str, Any]) -> dict[str, Any]:
+    return _apply({"device": _choice(DEVICES), "amp": _bool_or_auto, "channels_last": _bool_or_auto,
+                   "compile": _bool, "cuda_graph": _bool_or_auto, "fused_bonn": _fused_bonn,
+                   "hist_epochs": _hist_epochs, "num_threads": _int_ge(0)}, v)
+
+
+# ====================================================================== the config
+#: (chapter, its field rules, its check after every field has passed), in the contract's key order
+_CHAPTERS: tuple[tuple[type, Callable, Callable | None], ...] = (
+    (LossWeightsConfig, _validate_loss_weights, None),
+    (OptimiserConfig, _validate_optimiser, None),
+    (ScheduleConfig, _validate_schedule, None),
+    (BonnUpdatesConfig, _validate_bonn_updates, None),
+    (ModelConfig, _validate_model, _check_model),
+    (DataConfig, _validate_data, _check_data),
+    (RuntimeConfig, _validate_runtime, None),
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig(RuntimeConfig, DataConfig, ModelConfig, BonnUpdatesConfig, ScheduleConfig, OptimiserConfig,
+                  LossWeightsConfig):
+    """One trial's config: every chapter's fields, flat (``cfg.lr``, ``cfg.model``, ...).
+
+    The chapters are listed last-first because a dataclass takes its bases' fields in reverse method
+    resolution order: the fields come out chapter 1 first, in the order of ``TRIAL_CONFIG_KEYS``."""
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None = None) -> "TrainConfig":
+        d = dict(d or {})
+        for key in d:
+            if key not in TRIAL_CONFIG_KEYS:
+                close = difflib.get_close_matches(str(key), TRIAL_CONFIG_KEYS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(str(key), f"unknown trial-config key{hint}", d[key])
+        values = {f.name: f.default for f in dataclasses.fields(cls)}
+        values.update(d)
+        out: dict[str, Any] = {}
+        for _, validate, _check in _CHAPTERS:  # every field rule first, chapter by chapter
+            out.update(validate(values))
+        for _, _validate, check in _CHAPTERS:  # then the checks between fields
+            if check is not None:
+                check(out)
+        return cls(**out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+TRIAL_CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+assert TRIAL_CONFIG_KEYS == tuple(f.name for chapter, _, _ in _CHAPTERS for f in dataclasses.fields(chapter))

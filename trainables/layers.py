@@ -46,6 +46,7 @@ __all__ = [
     "bonn_parameter_roles",
     "make_conv",
     "precomputed_kernels",
+    "set_activation_sign",
 ]
 
 W_SHAPES = ("kxk", "cin_kxk")
@@ -101,6 +102,7 @@ class BonnConv2d(nn.Conv2d):
         object.__setattr__(self, "_w_init_shape", tuple(k) if w_shape == "kxk" else (in_channels, *k))
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self._kernel: torch.Tensor | None = None  # set by precomputed_kernels() for one forward
+        self.act_sign = None  # the activations' sign implementation (None: binarize.sign); set_activation_sign
 
     def reset_parameters(self) -> None:
         """Scaled Kaiming-normal ``weight``; ``w`` = ``mean|X|`` or ``w_init``; ``mu``/``sigma`` = moments
@@ -130,7 +132,7 @@ class BonnConv2d(nn.Conv2d):
             return self.w.mean() * sign(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = ACT_STES[self.act_ste].apply(x, self.act_clip)
+        xb = _binarize_input(self, x)
         kernel = self._kernel
         if kernel is None:
             kernel = BonnWeightBinarize.apply(self.weight, self.w, self.ste_clip)
@@ -169,6 +171,7 @@ class XnorConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self.act_ste = act_ste
         self.ste_clip, self.act_clip = float(ste_clip), float(act_clip)
+        self.act_sign = None  # as in BonnConv2d
 
     def reset_parameters(self) -> None:
         _scaled_kaiming_(self.weight, self.init_scale)
@@ -181,12 +184,27 @@ class XnorConv2d(nn.Conv2d):
             return self.weight.abs().mean(dim=(1, 2, 3), keepdim=True) * sign(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = ACT_STES[self.act_ste].apply(x, self.act_clip)
+        xb = _binarize_input(self, x)
         return self._conv_forward(xb, XnorWeightBinarize.apply(self.weight, self.ste_clip), self.bias)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", act_ste={self.act_ste}, init_scale={self.init_scale:g}, "
                 f"ste_clip={self.ste_clip:g}, act_clip={self.act_clip:g}")
+
+
+def _binarize_input(conv: BonnConv2d | XnorConv2d, x: torch.Tensor) -> torch.Tensor:
+    """``sign(x)`` of a binary conv's input, with the layer's pseudo-gradient and sign implementation."""
+    if conv.act_sign is None:
+        return ACT_STES[conv.act_ste].apply(x, conv.act_clip)
+    return ACT_STES[conv.act_ste].apply(x, conv.act_clip, conv.act_sign)
+
+
+def set_activation_sign(module: nn.Module, sign_fn) -> None:
+    """Use ``sign_fn`` (same values as :func:`trainables.binarize.sign`; ``None``: that one) for the input
+    activations of every binary conv in ``module``. Per model: other models in the process are untouched."""
+    for m in module.modules():
+        if isinstance(m, (BonnConv2d, XnorConv2d)):
+            m.act_sign = sign_fn
 
 
 def _scaled_kaiming_(weight: torch.Tensor, scale: float) -> None:
@@ -255,13 +273,13 @@ def bonn_parameter_roles(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     }
 
 
-
 @contextlib.contextmanager
 def precomputed_kernels(layers: Sequence[BonnConv2d], kernels: Sequence[torch.Tensor]) -> Iterator[None]:
     """Make each layer's next forward use the given kernel instead of binarizing its own weight.
 
-    The kernels come from :func:`trainables.fused.bonn_kernels_and_loss` (all layers binarized in one
-    autograd node, with the same forward values and gradients as :class:`BonnWeightBinarize`).
+    The kernels come from the fused path, ``trainables.fast.fused.bonn_kernels_and_loss`` (all layers
+    binarized in one autograd node, with the same forward values and gradients as
+    :class:`BonnWeightBinarize`); this module does not import it.
     """
     for m, k in zip(layers, kernels, strict=True):
         m._kernel = k

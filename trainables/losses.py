@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 
 from .binarize import sign
-from .fused import flat_weights, kernel_loss_all_layers, layer_plan, per_filter_sum, unflat_filters
+from .flat_layout import flat_kernels, layer_plan, per_filter_sum, unflat_filters
 
 __all__ = [
     "BayesianFeatureLoss",
+    "as_layers",
     "bayesian_kernel_loss",
     "clamp_prior_",
     "closed_form_mu_sigma_",
@@ -44,7 +45,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_layers(layers: Any) -> list:
+def as_layers(layers: Any) -> list:
     """One layer, an iterable of layers, or a module containing ``BonnConv2d`` layers -> list."""
     if all(hasattr(layers, a) for a in ("weight", "w", "mu", "sigma")):
         return [layers]
@@ -81,7 +82,7 @@ def _kernel_loss_layerwise(layers: list, lam: float, nu: float) -> torch.Tensor:
     return total
 
 
-def bayesian_kernel_loss(layers: Any, lam: float, nu: float, fused: bool | None = None) -> torch.Tensor:
+def bayesian_kernel_loss(layers: Any, lam: float, nu: float) -> torch.Tensor:
     """Bayesian kernel loss ``L_K`` of BONN (kernel part of the full objective) summed over ``layers``.
 
     ``layers``: one BONN layer, an iterable of them, or a module (its ``BonnConv2d`` layers are used).
@@ -99,23 +100,17 @@ def bayesian_kernel_loss(layers: Any, lam: float, nu: float, fused: bool | None 
     * BONN Eq. 18: ``dL_K/dsigma_i = (lam nu / K) sum_k ( -sigma_i^-3 (|X_ik| - mu_i)^2 + sigma_i^-1 )``.
 
     The value is the section 2.4 objective, not the paper's objective verbatim (see the module docstring
-    and :func:`kernel_loss_value`). ``fused=True`` evaluates every layer in one custom autograd Function
-    with a fixed number of kernels, whatever the number of layers (index plan cached per layer shapes;
-    meant for eager mode on GPUs, where many small per-layer kernels cost more than the arithmetic);
-    ``fused=False`` is the plain-autograd, layer-by-layer reference of section 2.4 (faster on CPU, and
-    what torch.compile should trace). ``None`` (default) picks ``fused`` on CUDA outside torch.compile,
-    layer-by-layer otherwise. Both give the same value and gradients (to rounding).
+    and :func:`kernel_loss_value`). This is the plain-autograd, layer-by-layer reference of section 2.4
+    (what torch.compile should trace, and faster on CPU). ``trainables.fast.fused.kernel_loss_all_layers``
+    evaluates the same value and gradients (to rounding) for every layer in one autograd node with a
+    fixed number of kernels (for eager mode on GPUs; the ``Trainer`` picks it on CUDA).
     """
-    ls = _as_layers(layers)
+    ls = as_layers(layers)
     if not ls:
         return torch.zeros(())
     if lam == 0:
         return ls[0].weight.new_zeros(())
-    if fused is None:  # under torch.compile the plain-autograd form fuses better and traces cleanly
-        fused = ls[0].weight.is_cuda and not torch.compiler.is_compiling()
-    if not fused:
-        return _kernel_loss_layerwise(ls, float(lam), float(nu))
-    return kernel_loss_all_layers(ls, float(lam), float(nu))
+    return _kernel_loss_layerwise(ls, float(lam), float(nu))
 
 
 @torch.no_grad()
@@ -128,7 +123,7 @@ def kernel_loss_value(layers: Any, lam: float, nu: float) -> torch.Tensor:
     :func:`bayesian_kernel_loss`, whose mu/sigma part is divided by K so that its gradients match the
     paper's mu/sigma gradients.
     """
-    ls = _as_layers(layers)
+    ls = as_layers(layers)
     total = torch.zeros((), device=ls[0].weight.device, dtype=ls[0].weight.dtype) if ls else torch.zeros(())
     for m in ls:
         X, w, mu, sigma = m.weight, m.w, m.mu, m.sigma
@@ -146,16 +141,17 @@ def closed_form_mu_sigma_(layers: Any, eps: float = 1e-8) -> None:
     """Set ``mu``/``sigma`` to the exact minimisers of the kernel loss, in place ([I], section 2.3).
 
     ``mu_i = mean_k |X_ik|``, ``sigma_i = sqrt(mean_k (|X_ik| - mu_i)^2)`` clamped to ``>= eps``.
-    Used when ``mu_sigma_update == "closed_form"`` (after each optimizer step). Fused over layers.
+    Used when ``mu_sigma_update == "closed_form"`` (after each optimizer step). All layers at once, over
+    the flat layout of ``trainables.flat_layout``.
     """
-    ls = _as_layers(layers)
+    ls = as_layers(layers)
     if not ls:
         return
     plan = layer_plan(ls)
-    a = flat_weights([m.weight for m in ls], plan).abs()
-    mu = per_filter_sum(a, plan).mul_(plan.inv_k)
-    d = a - mu.index_select(0, plan.f_idx)
-    sig = per_filter_sum(d * d, plan).mul_(plan.inv_k).sqrt_().clamp_min_(eps)
+    a = flat_kernels([m.weight for m in ls], plan).abs()
+    mu = per_filter_sum(a, plan).mul_(plan.inv_filter_numel)
+    d = a - mu.index_select(0, plan.filter_index)
+    sig = per_filter_sum(d * d, plan).mul_(plan.inv_filter_numel).sqrt_().clamp_min_(eps)
     torch._foreach_copy_([m.mu for m in ls], unflat_filters(mu, plan))
     torch._foreach_copy_([m.sigma for m in ls], unflat_filters(sig, plan))
 
@@ -163,7 +159,7 @@ def closed_form_mu_sigma_(layers: Any, eps: float = 1e-8) -> None:
 @torch.no_grad()
 def clamp_prior_(layers: Any, eps: float = 1e-8) -> None:
     """Keep every ``mu`` and ``sigma`` ``>= eps`` in place (one fused multi-tensor op)."""
-    ls = _as_layers(layers)
+    ls = as_layers(layers)
     if ls:
         torch._foreach_clamp_min_([m.mu for m in ls] + [m.sigma for m in ls], eps)
 

@@ -49,7 +49,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .train import CHECKPOINT_NAME, fit
+from .checkpoint import CHECKPOINT_NAME
+from .train import fit
 
 __all__ = ["train_bonn", "DDP_TIMEOUT_ENV"]
 

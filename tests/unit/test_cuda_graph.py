@@ -51,8 +51,8 @@ def _close(a: dict, b: dict, tol: float) -> None:
 def test_captured_steps_match_eager_steps_with_a_changing_lr():
     tr_g, p_g, lr_g, s_g = _run(graph=True, fused=True)
     tr_e, p_e, lr_e, s_e = _run(graph=False, fused=True)
-    assert tr_g.use_graph and tr_g.graph_failed is None
-    assert tr_g._graphs, "no step was captured"
+    assert tr_g.use_graph and tr_g.captured.failed is None
+    assert tr_g.captured.graphs, "no step was captured"
     assert lr_g == lr_e and lr_g[0] == pytest.approx(0.05) and lr_g[-1] == pytest.approx(0.005)
     _close(p_g, p_e, 2e-3)
     for a, b in zip(s_g, s_e):
@@ -61,10 +61,10 @@ def test_captured_steps_match_eager_steps_with_a_changing_lr():
 
 
 def test_compiled_math_in_a_captured_step_matches_eager_math():
-    from trainables.compiled import SafeCompiled
+    from trainables.fast.compiled import SafeCompiled
 
     tr_c, p_c, _, s_c = _run(graph=True, fused="compiled")
-    assert tr_c.compile_math and tr_c._graphs and tr_c.graph_failed is None
+    assert tr_c.compile_math and tr_c.captured.graphs and tr_c.captured.failed is None
     assert SafeCompiled.failed is None, SafeCompiled.failed
     _, p_e, _, s_e = _run(graph=False, fused=True)
     _close(p_c, p_e, 2e-3)
@@ -81,7 +81,7 @@ def test_fused_path_matches_reference_on_cuda():
 def test_feature_loss_switch_is_recaptured():
     tr, _, _, sums = _run(graph=True, fused=True, steps=16, feature_from=1)
     assert sums[0]["feature_loss"] == 0.0 and sums[1]["feature_loss"] > 0.0
-    assert {k[3] for k in tr._graphs} == {False, True}, "one graph per feature-loss state"
+    assert {k[3] for k in tr.captured.graphs} == {False, True}, "one graph per feature-loss state"
 
 
 def test_state_dict_is_device_independent_and_resume_recaptures():
@@ -89,10 +89,10 @@ def test_state_dict_is_device_independent_and_resume_recaptures():
     sd = tr.state_dict()
     assert all(isinstance(g["lr"], float) for g in sd["optimizer"]["param_groups"])
     tr.load_state_dict(sd)
-    assert not tr._graphs
+    assert not tr.captured.graphs
     assert all(torch.is_tensor(g["lr"]) and g["lr"].is_cuda for g in tr.optimizer.param_groups)
     x = torch.randn(32, 3, 16, 16, device="cuda")
     y = torch.randint(0, 10, (32,), device="cuda")
-    for _ in range(tr.graph_warmup + 2):
+    for _ in range(tr.captured.warmup + 2):
         tr.train_step(x, y)
-    assert tr._graphs and tr.graph_failed is None
+    assert tr.captured.graphs and tr.captured.failed is None

@@ -20,7 +20,8 @@ import torch
 import torch.multiprocessing as mp
 
 from trainables import fit
-from trainables.train import CHECKPOINT_NAME, METRIC_KEYS
+from trainables.checkpoint import CHECKPOINT_NAME
+from trainables.train import METRIC_KEYS
 
 torch.set_num_threads(1)
 

@@ -8,10 +8,11 @@ from trainables import fit
 from trainables.binarize import ApproxSignSTE, BonnWeightBinarize, SignSTE, XnorWeightBinarize
 from trainables.config import ConfigError, TrainConfig
 from trainables.dynamics import Dynamics
-from trainables.fused import bonn_kernels_and_loss
+from trainables.fast.fused import bonn_kernels_and_loss
 from trainables.layers import bonn_layers
 from trainables.models import backbone_convs, build_model
-from trainables.train import Trainer, build_param_groups
+from trainables.optim import build_param_groups
+from trainables.train import Trainer
 
 QUIET = {"log": lambda s: None}
 SMALL = {"dataset": "digits", "epochs": 2, "batch_size": 64, "lr": 0.1, "device": "cpu", "num_threads": 1,

@@ -1,4 +1,4 @@
-"""The fused all-layers BONN path (trainables.fused) against the per-layer reference.
+"""The fused all-layers BONN path (trainables.fast.fused) against the per-layer reference.
 
 One training step of a whole model, fused vs reference: the gradient of every parameter the optimiser
 holds (latent kernels, w, mu, sigma, BN, FC, feature-loss centres and log-variances), in float32 and
@@ -18,7 +18,8 @@ import trainables.layers as layers_mod
 
 from trainables.binarize import BonnWeightBinarize
 from trainables.config import TrainConfig
-from trainables.fused import bonn_kernels_and_loss, layer_plan
+from trainables.fast.fused import bonn_kernels_and_loss
+from trainables.flat_layout import layer_plan
 from trainables.layers import BonnConv2d, bonn_layers
 from trainables.losses import bayesian_kernel_loss
 from trainables.models import build_model
@@ -95,7 +96,7 @@ def test_one_step_gradients_of_every_parameter_match_reference(channels_last, w_
         assert fus_m[k] == pytest.approx(ref_m[k], rel=1e-4 if not amp else 1e-3), k
     assert ref_m["kernel_loss"] > 0 and ref_m["feature_loss"] > 0
     if fused == "compiled":
-        from trainables.compiled import SafeCompiled
+        from trainables.fast.compiled import SafeCompiled
 
         assert SafeCompiled.failed is None, "the compiled math fell back to eager"
 
@@ -120,7 +121,7 @@ def test_fused_kernels_and_gradients_equal_reference_float64(channels_last, w_sh
     lam, nu = 0.3, 0.7
     kernels, loss = bonn_kernels_and_loss(a, lam, nu)
     ref_k = [BonnWeightBinarize.apply(m.weight, m.w) for m in b]
-    ref_loss = bayesian_kernel_loss(b, lam, nu, fused=False)
+    ref_loss = bayesian_kernel_loss(b, lam, nu)
     for k, r, m in zip(kernels, ref_k, a):
         assert torch.equal(k, r)
         assert k.stride() == m.weight.stride(), "kernels are laid out like the latent weights"
@@ -141,7 +142,7 @@ def test_fused_kernel_loss_alone_and_no_kernel_grads():
     a, b = _layers(), _layers()
     kernels, loss = bonn_kernels_and_loss(a, 0.5, 0.2)
     loss.backward()  # kernels unused: only the kernel-loss gradients
-    bayesian_kernel_loss(b, 0.5, 0.2, fused=False).backward()
+    bayesian_kernel_loss(b, 0.5, 0.2).backward()
     for ma, mb in zip(a, b):
         torch.testing.assert_close(ma.weight.grad, mb.weight.grad, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(ma.w.grad, mb.w.grad, rtol=1e-12, atol=1e-14)
@@ -200,3 +201,66 @@ def test_every_momentum_parameter_has_a_buffer_from_the_start_and_after_a_resume
     tr.train_step(x, y)
     assert tr.feature_loss.log_var.grad is not None
     assert tr.optimizer.state[tr.feature_loss.log_var]["momentum_buffer"].abs().sum() > 0
+
+
+def test_two_trainers_with_different_fused_bonn_do_not_interfere():
+    """``fused_bonn`` is chosen per Trainer and passed down (no process-wide switch): the compiled
+    activation sign goes to that Trainer's own layers only, and steps of Trainers with different
+    settings, interleaved in one process, equal the steps of each Trainer run alone, bit for bit."""
+    def trainer(fused):
+        cfg = TrainConfig.from_dict({"model": "wrn22", "width": 16, "lam": 1e-2, "nu": 1e-1, "theta": 1e-2,
+                                     "device": "cpu", "epochs": 2, "batch_size": 8, "fused_bonn": fused,
+                                     "cuda_graph": False})
+        torch.manual_seed(0)
+        tr = Trainer(cfg, build_model(cfg, 3, 10, 16), 10, torch.device("cpu"), steps_per_epoch=4, log=None)
+        tr.set_epoch(0)
+        return tr
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+
+    def state(tr):
+        return {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+
+    alone = {}
+    for fused in (True, False):
+        tr = trainer(fused)
+        for x, y in batches:
+            tr.train_step(x, y)
+        alone[fused] = state(tr)
+    a, b = trainer(True), trainer(False)
+    c = trainer("compiled")  # built last: a process-wide switch would now hold for a and b too
+    assert c.compile_math and not a.compile_math and not b.compile_math
+    assert {m.act_sign is None for m in bonn_layers(c.model)} == {False}, "c's layers get the compiled sign"
+    assert all(m.act_sign is None for tr in (a, b) for m in bonn_layers(tr.model))
+    for x, y in batches:
+        a.train_step(x, y)
+        b.train_step(x, y)
+    for tr, fused in ((a, True), (b, False)):
+        for n, p in state(tr).items():
+            assert torch.equal(p, alone[fused][n]), (fused, n)
+
+
+REFERENCE_MODULES = ("binarize", "layers", "losses", "metrics", "models", "flat_layout")
+
+
+def test_reference_math_never_imports_the_fast_path():
+    """Dependency direction: trainables.fast -> reference, never back (no import, not even a lazy one)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[2] / "trainables"
+    for name in REFERENCE_MODULES:
+        for node in ast.walk(ast.parse((pkg / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not target.startswith((".fast", "trainables.fast")), (name, target)
+                assert not (target == "." and any(a.name == "fast" for a in node.names)), name
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("trainables.fast") for a in node.names), name
+    code = ("import sys; " + "; ".join(f"import trainables.{m}" for m in REFERENCE_MODULES)
+            + "; print([m for m in sys.modules if m.startswith('trainables.fast')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

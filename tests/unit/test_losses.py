@@ -18,9 +18,15 @@ from trainables.losses import (
     closed_form_mu_sigma_,
     kernel_loss_value,
 )
-from trainables.fused import layer_plan as _plan
+from trainables.fast.fused import kernel_loss_all_layers
+from trainables.flat_layout import layer_plan as _plan
 
 LAM, NU = 0.03, 0.2  # large enough that every term matters at float64 precision
+
+
+def kernel_loss(layers, lam, nu, fused: bool):
+    """The kernel loss of the fused all-layers path (trainables.fast) or of the per-layer reference."""
+    return (kernel_loss_all_layers if fused else bayesian_kernel_loss)(layers, lam, nu)
 
 # ---------------------------------------------------------------- NumPy references (paper formulas)
 
@@ -121,7 +127,7 @@ def zero_grads(layers):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "layerwise"])
 def test_kernel_loss_gradients_are_eqs_13_16_17_18(fused):
     layers = make_layers()
-    loss = bayesian_kernel_loss(layers, LAM, NU, fused=fused)
+    loss = kernel_loss(layers, LAM, NU, fused=fused)
     loss.backward()
     for m in layers:
         X, w, mu, sigma = np_params(m)
@@ -137,7 +143,7 @@ def test_kernel_loss_gradients_are_eqs_13_16_17_18(fused):
 def test_kernel_loss_value_is_section_2_4_objective(fused):
     layers = make_layers(1)
     expected = sum(np_objective(*np_params(m), LAM, NU) for m in layers)
-    got = bayesian_kernel_loss(layers, LAM, NU, fused=fused)
+    got = kernel_loss(layers, LAM, NU, fused=fused)
     assert got.dim() == 0
     np.testing.assert_allclose(got.item(), expected, rtol=1e-12)
 
@@ -152,7 +158,7 @@ def test_gradient_at_exact_zero_uses_plus_mode():
         m.sigma.fill_(0.1)
     for fused in (True, False):
         zero_grads([m])
-        bayesian_kernel_loss(m, 1.0, 1.0, fused=fused).backward()
+        kernel_loss(m, 1.0, 1.0, fused=fused).backward()
         # lam { w (w*0 - wbar*sign(0)) + nu sigma^-2 (0 - mu) } = 0.5*(-0.5) + 100*(-0.2)
         assert m.weight.grad.item() == pytest.approx(-0.25 - 20.0, rel=1e-14)
 
@@ -160,8 +166,8 @@ def test_gradient_at_exact_zero_uses_plus_mode():
 def test_fused_and_layerwise_agree_in_float32():
     a = make_layers(2, torch.float32)
     b = copy.deepcopy(a)
-    va = bayesian_kernel_loss(a, LAM, NU, fused=True)
-    vb = bayesian_kernel_loss(b, LAM, NU, fused=False)
+    va = kernel_loss(a, LAM, NU, fused=True)
+    vb = kernel_loss(b, LAM, NU, fused=False)
     va.backward()
     vb.backward()
     torch.testing.assert_close(va, vb, rtol=1e-5, atol=0)
@@ -173,8 +179,8 @@ def test_fused_and_layerwise_agree_in_float32():
 def test_upstream_gradient_scales_all_four_gradients():
     a = make_layers(3)
     b = copy.deepcopy(a)
-    bayesian_kernel_loss(a, LAM, NU, fused=True).backward()
-    (2.5 * bayesian_kernel_loss(b, LAM, NU, fused=True)).backward()
+    kernel_loss(a, LAM, NU, fused=True).backward()
+    (2.5 * kernel_loss(b, LAM, NU, fused=True)).backward()
     for ma, mb in zip(a, b):
         for pa, pb in zip(ma.parameters(), mb.parameters()):
             torch.testing.assert_close(pb.grad, 2.5 * pa.grad, rtol=1e-13, atol=0)
@@ -187,8 +193,8 @@ def test_frozen_prior_gets_no_gradient_and_others_unchanged(fused):
     for m in b:
         m.mu.requires_grad_(False)
         m.sigma.requires_grad_(False)
-    bayesian_kernel_loss(a, LAM, NU, fused=fused).backward()
-    bayesian_kernel_loss(b, LAM, NU, fused=fused).backward()
+    kernel_loss(a, LAM, NU, fused=fused).backward()
+    kernel_loss(b, LAM, NU, fused=fused).backward()
     for ma, mb in zip(a, b):
         assert mb.mu.grad is None and mb.sigma.grad is None
         torch.testing.assert_close(mb.weight.grad, ma.weight.grad, rtol=1e-14, atol=0)
@@ -211,12 +217,12 @@ def test_accepts_single_layer_list_or_model_and_handles_empty_and_zero_lambda():
 def test_fused_loss_is_deterministic_and_plans_are_per_shape():
     a = make_layers(6)
     assert [r.layers for r in _plan(a).runs] == [1, 2, 1, 2, 1]  # identical neighbours share a run
-    v1 = bayesian_kernel_loss(a, LAM, NU, fused=True)
-    v2 = bayesian_kernel_loss(a, LAM, NU, fused=True)
+    v1 = kernel_loss(a, LAM, NU, fused=True)
+    v2 = kernel_loss(a, LAM, NU, fused=True)
     assert torch.equal(v1, v2)
     # a different set of shapes on the same process still matches the reference
     m = BonnConv2d(2, 3, 3, w_shape="cin_kxk").double()
-    bayesian_kernel_loss([m], LAM, NU, fused=True).backward()
+    kernel_loss([m], LAM, NU, fused=True).backward()
     gX, gw, gmu, gsig = np_kernel_grads(*np_params(m), LAM, NU)
     np.testing.assert_allclose(m.w.grad.numpy(), gw, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(m.sigma.grad.numpy(), gsig, rtol=1e-9, atol=1e-14)

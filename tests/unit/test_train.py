@@ -20,7 +20,10 @@ from trainables.data import DeviceData
 from trainables.layers import bonn_layers
 from trainables.losses import BayesianFeatureLoss
 from trainables.models import build_model
-from trainables.train import CHECKPOINT_NAME, METRIC_KEYS, LrFactor, Trainer, build_param_groups, milestone_epochs
+from trainables.checkpoint import CHECKPOINT_NAME
+from trainables.optim import build_param_groups
+from trainables.schedule import LrFactor, milestone_epochs
+from trainables.train import METRIC_KEYS, Trainer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,17 +3,22 @@
 Used for the optional compiled elementwise math of the training step on CUDA (``fused_bonn:
 compiled``): if compiling or running the compiled version fails (no compiler, an unsupported op, a
 torch version difference), a warning says why once and every later call runs the eager function,
-which computes the same values.
+which computes the same values. :func:`compiled_sign` is the activation ``sign`` of that mode; a
+``Trainer`` passes it to its own binary layers (``trainables.layers.set_activation_sign``), so it
+never affects another model in the process.
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["SafeCompiled"]
+from ..binarize import sign, sign_traceable
+
+__all__ = ["SafeCompiled", "compiled_sign"]
 
 
 class SafeCompiled:
@@ -35,3 +40,19 @@ class SafeCompiled:
                 warnings.warn(f"trainables: compiled math failed, using eager math ({SafeCompiled.failed})",
                               RuntimeWarning, stacklevel=2)
         return self.eager(*args)
+
+
+@lru_cache(maxsize=1)
+def compiled_sign() -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`trainables.binarize.sign` whose CUDA calls run as one compiled kernel (instead of a compare
+    and a ``where``); CPU tensors and calls inside a compiled region take the reference forms. Same values."""
+    fast = SafeCompiled(sign_traceable, dynamic=True)
+
+    def compiled_sign_(x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return sign_traceable(x)
+        if x.is_cuda:
+            return fast(x)
+        return sign(x)
+
+    return compiled_sign_
