@@ -209,7 +209,7 @@ class Trainer:
                 kernels, kl = bonn_kernels_and_loss(self.layers, self.cfg.lam if self.kernel_on else 0.0,
                                                     self.cfg.nu,
                                                     torch.bfloat16 if self.amp else self.layers[0].weight.dtype,
-                                                    compile_math=self.compile_math)
+                                                    compile_math=self.compile_math, ste_clip=self.cfg.ste_clip)
                 with precomputed_kernels(self.layers, kernels):
                     feats, logits = self.fmodel(x)
             else:

@@ -264,3 +264,16 @@ def test_reference_math_never_imports_the_fast_path():
             + "; print([m for m in sys.modules if m.startswith('trainables.fast')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_fused_step_applies_ste_clip_like_the_reference():
+    """The Trainer passes ``ste_clip`` to the fused node: with a bound tight enough to mask part of the
+    latent weights, the fused step gives the reference's gradients (it used to keep the paper's bound 1)."""
+    ref_g, _, _ = _step_grads({"ste_clip": 0.01, "lam": 1e-4}, False, False, False)
+    fus_g, _, _ = _step_grads({"ste_clip": 0.01, "lam": 1e-4}, True, False, False)
+    wide_g, _, _ = _step_grads({"lam": 1e-4}, False, False, False)
+    kernels = [n for n in ref_g if n.endswith(".weight") and n.replace(".weight", ".w") in ref_g]
+    assert len(kernels) == 18
+    assert any(_rel_err(ref_g[n], wide_g[n]) > 1e-2 for n in kernels), "the bound changed nothing"
+    for n in ref_g:
+        assert _rel_err(fus_g[n], ref_g[n]) < 2e-5, n
