@@ -16,13 +16,9 @@ pytest.importorskip("ray.tune")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from service.sweep.tracking import (  # noqa: E402
-    MLflowStudyCallback,
-    error_reason,
-    flatten_config,
-    numeric_metrics,
-    resolved_config,
-)
+from service.core.mlflow_calls import flatten_params  # noqa: E402
+from service.sweep.mlflow_callback import MLflowStudyCallback, numeric_metrics, resolved_config  # noqa: E402
+from service.sweep.stop_reasons import error_reason  # noqa: E402
 
 STUDY = "study-unit"
 
@@ -124,8 +120,8 @@ def artifact_paths(client, run_id, path=None) -> set[str]:
 # -- tests --------------------------------------------------------------------------------------------
 
 
-def test_flatten_config_and_metric_filter():
-    flat = flatten_config({"lam": 1e-4, "lr_milestones": [0.3, 0.6], "nested": {"a": 1}, "block_style": None})
+def test_flatten_params_and_metric_filter():
+    flat = flatten_params({"lam": 1e-4, "lr_milestones": [0.3, 0.6], "nested": {"a": 1}, "block_style": None})
     assert flat == {"lam": "0.0001", "lr_milestones": "[0.3, 0.6]", "nested.a": "1", "block_style": "None"}
     m = numeric_metrics({"val_acc": 0.5, "done": True, "pid": 3, "loss": float("nan"), "name": "x", "flag": True})
     assert m == {"val_acc": 0.5}
