@@ -65,27 +65,11 @@ from service.sweep.stop_reasons import (
 logger = logging.getLogger("bonn_sweep.tracking")
 
 #: Tune bookkeeping keys that are not metrics of the trial
-NON_METRIC_KEYS = frozenset(
-    {
-        "done",
-        "timestamp",
-        "pid",
-        "trial_id",
-        "date",
-        "hostname",
-        "node_ip",
-        "config",
-        "should_checkpoint",
-        "checkpoint_dir_name",
-        "experiment_tag",
-        "iterations_since_restore",
-        "time_since_restore",
-        "timesteps_since_restore",
-        "timesteps_total",
-        "episodes_total",
-        "experiment_id",
-    }
-)
+NON_METRIC_KEYS = frozenset({
+    "done", "timestamp", "pid", "trial_id", "date", "hostname", "node_ip", "config", "should_checkpoint",
+    "checkpoint_dir_name", "experiment_tag", "iterations_since_restore", "time_since_restore",
+    "timesteps_since_restore", "timesteps_total", "episodes_total", "experiment_id",
+})
 CHECKPOINT_FILES = ("checkpoint.pt",)
 #: per-epoch metrics also kept as trial attributes (the API's trial view shows the last value)
 DYNAMICS_ATTRS = ("flip_frac", "flip_frac_init", "bimodality")
@@ -270,55 +254,6 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
     def record(self, trial_id: str) -> dict[str, Any] | None:
         rec = self._trials.get(trial_id)
         return copy.deepcopy(rec) if rec else None
-
-
-    def _find_existing_run(self, trial_id: str) -> tuple[bool, Any]:
-        flt = f"tags.tune_trial_id = '{trial_id}' and tags.study_id = '{self.study_id}'"
-        ok, runs = self._call(
-            "search_runs", self.client.search_runs, experiment_ids=[self.experiment_id], filter_string=flt,
-            max_results=5,
-        )
-        if ok and runs:
-            return True, sorted(runs, key=lambda r: r.info.start_time or 0)[0]
-        return ok, None
-
-    def _create_run(self, rec: dict[str, Any]) -> bool:
-        """The trial's run: one tagged with its id if MLflow has one, else a new one."""
-        ok, existing = self._find_existing_run(rec["trial_id"])
-        if not ok:
-            return False
-        if existing is not None:
-            rec["run_id"] = existing.info.run_id
-            rec["artifact_uri"] = existing.info.artifact_uri
-            rec["reattached"] = True
-            if rec["stop_reason"] is None and existing.info.status != "RUNNING":
-                rec["ops"].insert(0, {"op": "reopen"})
-            self._say(f"trial {rec['name']}: reusing MLflow run {rec['run_id']} (found by tune_trial_id)")
-        else:
-            tags = {
-                "study_id": self.study_id,
-                "tune_trial_id": rec["trial_id"],
-                "mlflow.source.name": "bonn-sweep driver",
-            }
-            if self.parent_run_id:
-                tags["mlflow.parentRunId"] = self.parent_run_id
-            number = self._link("trial_number", rec["trial_id"])
-            if number is not None:
-                tags["optuna_trial_number"] = str(number)
-            ok, run = self._call(
-                "create_run", self.client.create_run, experiment_id=self.experiment_id, tags=tags,
-                run_name=rec["name"],
-            )
-            if not ok:
-                return False
-            rec["run_id"] = run.info.run_id
-            rec["artifact_uri"] = run.info.artifact_uri
-        attrs = {"mlflow_run_id": rec["run_id"]}
-        if rec["checkpoint_uri"] is None and rec["best_epoch"] in rec["uploaded"]:
-            rec["checkpoint_uri"] = self._checkpoint_uri(rec, rec["best_epoch"])
-            attrs["checkpoint_uri"] = rec["checkpoint_uri"]
-        self._link("set_trial_attrs", rec["trial_id"], attrs)
-        return True
 
 
     def _reopen(self, rec: dict[str, Any]) -> None:

@@ -37,11 +37,14 @@ DRAIN_INTERVAL_S = 1.0  # at most this often, a Tune step sends what other trial
 class MlflowOutbox:
     """Mixin: MLflow calls that never raise, the offline queue and its sending, checkpoint spooling.
 
-    The class using it sets ``tracking_uri``, ``parent_run_id``, ``metric``, ``retries``, ``backoff_s``,
-    ``echo``, ``spool_dir``, ``max_down_backoff_s``, ``_client``, ``_trials`` (trial id -> record),
-    ``_parent_ops``, ``failed_calls`` and the offline bookkeeping of :meth:`_reset_online`; it provides
-    ``_create_run(rec)`` (the trial's run, found or new) and ``_uploaded(rec, epoch)`` (a checkpoint
-    reached MLflow).
+    The class using it sets ``tracking_uri``, ``experiment_id``, ``parent_run_id``, ``study_id``,
+    ``metric``, ``retries``, ``backoff_s``, ``echo``, ``spool_dir``, ``max_down_backoff_s``, ``_client``,
+    ``_trials`` (trial id -> record), ``_parent_ops``, ``failed_calls`` and the offline bookkeeping of
+    :meth:`_reset_online`; it provides ``_link(method, *args)`` (calls on the Optuna searcher) and
+    ``_uploaded(rec, epoch)`` (a checkpoint reached MLflow).
+
+    The first item a trial owes MLflow is its run (:meth:`_create_run`): the one tagged with its
+    ``tune_trial_id`` if MLflow has it (a restore, a lost state), else a new child of the parent run.
     """
 
     tracking_uri: str
@@ -49,7 +52,7 @@ class MlflowOutbox:
     _trials: dict[str, dict[str, Any]]
     _parent_ops: list[dict[str, Any]]
 
-    def _create_run(self, rec: dict[str, Any]) -> bool:  # pragma: no cover - provided by the callback
+    def _link(self, method: str, *args) -> Any:  # pragma: no cover - provided by the callback
         raise NotImplementedError
 
     def _uploaded(self, rec: dict[str, Any], epoch: int) -> None:  # pragma: no cover - provided by the callback
@@ -139,6 +142,55 @@ class MlflowOutbox:
             n += int(rec["run_id"] is None) + int(bool(rec.get("params")))
             n += len(rec["pending"]) + len(rec.get("ops", []))
         return n
+
+
+    def _find_existing_run(self, trial_id: str) -> tuple[bool, Any]:
+        flt = f"tags.tune_trial_id = '{trial_id}' and tags.study_id = '{self.study_id}'"
+        ok, runs = self._call(
+            "search_runs", self.client.search_runs, experiment_ids=[self.experiment_id], filter_string=flt,
+            max_results=5,
+        )
+        if ok and runs:
+            return True, sorted(runs, key=lambda r: r.info.start_time or 0)[0]
+        return ok, None
+
+    def _create_run(self, rec: dict[str, Any]) -> bool:
+        """The trial's run: one tagged with its id if MLflow has one, else a new one."""
+        ok, existing = self._find_existing_run(rec["trial_id"])
+        if not ok:
+            return False
+        if existing is not None:
+            rec["run_id"] = existing.info.run_id
+            rec["artifact_uri"] = existing.info.artifact_uri
+            rec["reattached"] = True
+            if rec["stop_reason"] is None and existing.info.status != "RUNNING":
+                rec["ops"].insert(0, {"op": "reopen"})
+            self._say(f"trial {rec['name']}: reusing MLflow run {rec['run_id']} (found by tune_trial_id)")
+        else:
+            tags = {
+                "study_id": self.study_id,
+                "tune_trial_id": rec["trial_id"],
+                "mlflow.source.name": "bonn-sweep driver",
+            }
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            number = self._link("trial_number", rec["trial_id"])
+            if number is not None:
+                tags["optuna_trial_number"] = str(number)
+            ok, run = self._call(
+                "create_run", self.client.create_run, experiment_id=self.experiment_id, tags=tags,
+                run_name=rec["name"],
+            )
+            if not ok:
+                return False
+            rec["run_id"] = run.info.run_id
+            rec["artifact_uri"] = run.info.artifact_uri
+        attrs = {"mlflow_run_id": rec["run_id"]}
+        if rec["checkpoint_uri"] is None and rec["best_epoch"] in rec["uploaded"]:
+            rec["checkpoint_uri"] = self._checkpoint_uri(rec, rec["best_epoch"])
+            attrs["checkpoint_uri"] = rec["checkpoint_uri"]
+        self._link("set_trial_attrs", rec["trial_id"], attrs)
+        return True
 
 
     def _sync(self, rec: dict[str, Any]) -> bool:

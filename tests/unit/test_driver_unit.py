@@ -432,3 +432,24 @@ def test_invalid_spec_fails_cleanly(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(PAYLOAD_ENV, json.dumps(payload))
     assert driver.main([]) == jobs.EXIT_BAD_PAYLOAD
     assert "invalid spec" in capsys.readouterr().out
+
+
+def test_job_payload_built_by_the_api_is_what_the_driver_parses():
+    pytest.importorskip("search_spaces")
+    from service.core.spec import StudySpec
+    from service.sweep.tuner import trial_bundles
+
+    spec = StudySpec.model_validate({
+        "name": "rt", "search_space": "digits-smoke", "base": {"epochs": 3}, "scheduler": {"type": "fifo"},
+        "budget": {"num_trials": 4}, "resources": {"cpus_per_trial": 2, "data_parallel_workers": 2, "custom": {"w": 1}},
+    })
+    p = JobPayload.build(study_id="s", spec=spec, num_trials=7, mlflow_tracking_uri="http://m", experiment_id="3",
+                         parent_run_id=None, optuna_storage="sqlite:///o.db", tune_storage="/t", resume=True)
+    q = JobPayload.from_json(p.to_json())
+    assert q.model_dump() == p.model_dump()
+    assert q.spec["budget"]["num_trials"] == 7 and q.trials_requested == 7 and q.resume
+    assert isinstance(q.spec["search_space"], dict)  # resolved inline
+    assert q.max_t is None and q.epochs == 3 and q.target_epochs == 3 and q.custom_resources == {"w": 1.0}
+    assert trial_bundles(q) == [{"CPU": 2.0, "GPU": 0.0, "w": 1.0}] * 2
+    with pytest.raises(PayloadError, match="JSON object"):
+        JobPayload.from_json("[1]")
