@@ -134,7 +134,7 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         upload: ``all`` (every epoch's checkpoint), ``improved`` (epochs that improve the trial's
             best, the final epoch, and epochs with a plot), ``none``.
         optuna_link: object with ``set_trial_attrs(tune_trial_id, dict)`` and
-            ``trial_number(tune_trial_id)`` (:class:`service.sweep.optuna_bridge.StudyOptunaSearch`).
+            ``trial_number(tune_trial_id)`` (:class:`service.sweep.searcher.StudyOptunaSearch`).
         retries, backoff_s: per MLflow call that fails while the server answers (5xx, 429, ...).
         echo: a function for one-line progress messages (default: the module logger).
         spool_dir: where checkpoint files wait for an upload while MLflow is unreachable (default:
@@ -255,7 +255,6 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         rec = self._trials.get(trial_id)
         return copy.deepcopy(rec) if rec else None
 
-
     def _reopen(self, rec: dict[str, Any]) -> None:
         """A restored trial continues in its run: RUNNING again, stale stop_reason removed."""
         if rec["open"]:
@@ -277,7 +276,7 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
     def _end_orphan_runs(self, trials: list) -> bool:
         """Runs of this study still RUNNING that no trial of the (restored) sweep will continue: their
         trials were started after the last saved Tune state by a driver that was then killed. They end
-        ``KILLED`` with ``stop_reason=cancelled``, like their Optuna trials (optuna_bridge, restore)."""
+        ``KILLED`` with ``stop_reason=cancelled``, like their Optuna trials (searcher, restore)."""
         if not self.parent_run_id:
             return True
         known = {t.trial_id for t in trials} | set(self._trials)
@@ -371,14 +370,12 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
             rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
             self._link("set_trial_attrs", trial.trial_id, {"checkpoint_uri": rec["checkpoint_uri"]})
 
-
     def _uploaded(self, rec: dict[str, Any], epoch: int) -> None:
         if epoch not in rec["uploaded"]:
             rec["uploaded"].append(epoch)
         if epoch == rec["best_epoch"] and rec["artifact_uri"]:
             rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
             self._link("set_trial_attrs", rec["trial_id"], {"checkpoint_uri": rec["checkpoint_uri"]})
-
 
     @_timed
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):

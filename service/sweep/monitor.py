@@ -49,7 +49,7 @@ class StudyMonitor(Callback):
         self.time_budget_s = time_budget_s
         self.default_epochs = int(default_epochs)
         self.max_t = max_t
-        self.generator = generator  # service.sweep.optuna_bridge.StudySearchGenerator
+        self.generator = generator  # service.sweep.searcher.StudySearchGenerator
         self.searcher = searcher
         self.failed = 0
         self.failure_limit_hit = False

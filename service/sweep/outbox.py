@@ -73,7 +73,6 @@ class MlflowOutbox:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-
     @property
     def parent(self) -> ParentRun:
         """The study's parent run, written through this callback's client (and its outbox)."""
@@ -129,7 +128,6 @@ class MlflowOutbox:
         else:
             logger.info(msg)
 
-
     @staticmethod
     def _owes(rec: dict[str, Any]) -> bool:
         """Something of this trial has not reached MLflow yet."""
@@ -142,7 +140,6 @@ class MlflowOutbox:
             n += int(rec["run_id"] is None) + int(bool(rec.get("params")))
             n += len(rec["pending"]) + len(rec.get("ops", []))
         return n
-
 
     def _find_existing_run(self, trial_id: str) -> tuple[bool, Any]:
         flt = f"tags.tune_trial_id = '{trial_id}' and tags.study_id = '{self.study_id}'"
@@ -191,7 +188,6 @@ class MlflowOutbox:
             attrs["checkpoint_uri"] = rec["checkpoint_uri"]
         self._link("set_trial_attrs", rec["trial_id"], attrs)
         return True
-
 
     def _sync(self, rec: dict[str, Any]) -> bool:
         """Send what MLflow does not have of this trial yet, in order: the run, its params, metrics
@@ -301,7 +297,6 @@ class MlflowOutbox:
             if not ok and not self.online():
                 return
             self._parent_ops.pop(0)
-
 
     def _checkpoint_uri(self, rec: dict[str, Any], epoch: int) -> str:
         return f"{rec['artifact_uri'].rstrip('/')}/checkpoints/epoch_{epoch:03d}"

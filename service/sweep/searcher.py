@@ -1,4 +1,4 @@
-"""Optuna under Ray Tune, the way a study needs it.
+"""The study's searcher: Optuna under Ray Tune, the way a study needs it.
 
 Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
 
@@ -35,6 +35,8 @@ Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
     resume that extends a study's ``num_trials`` would otherwise be ignored. A restored generator
     that had been ``set_finished()`` (failure limit, time budget) is reopened when trials remain.
     Its count of created trials includes those that finished after the saved state (see above).
+
+Optuna's private storage API is reached only through :func:`trial_storage` and :func:`storage_trial_id`.
 """
 
 from __future__ import annotations
