@@ -1,11 +1,13 @@
 """The API's two read/write gateways besides Ray: MLflow (experiment + parent run) and Optuna (trials).
 
+The parent run itself is :class:`service.core.parent_run.ParentRun` (shared with the study driver);
+:class:`MlflowGateway` uses it with one attempt per call, so the API answers fast when MLflow is down.
+
 Both are small classes so unit tests can swap them (``app.dependency_overrides``) for stubs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -14,16 +16,15 @@ from typing import Any
 
 import httpx
 
+from service.core.mlflow_calls import TrackingError, short_error
+from service.core.parent_run import ParentRun
+
 log = logging.getLogger(__name__)
 
 # The API must answer fast when MLflow is down, not after MLflow's default 7 retries with backoff.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-
-
-class TrackingError(RuntimeError):
-    """MLflow could not be reached or refused a request."""
 
 
 class MlflowGateway:
@@ -70,40 +71,21 @@ class MlflowGateway:
         except TrackingError:
             raise
         except Exception as exc:  # noqa: BLE001 - MlflowException, requests errors
-            raise TrackingError(f"MLflow experiment {name!r}: {_short(exc)}") from exc
+            raise TrackingError(f"MLflow experiment {name!r}: {short_error(exc)}") from exc
 
     def create_parent_run(
         self, experiment_id: str, *, study_id: str, study_name: str, spec: dict[str, Any], resolved_space: dict
     ) -> str:
-        try:
-            run = self.client.create_run(
-                experiment_id,
-                run_name=study_name,
-                tags={"study_id": study_id, "study_name": study_name, "bonn_sweep": "1", "bonn_sweep.role": "study"},
-            )
-            run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            params = [Param(k, v) for k, v in flatten_params(spec).items()]
-            for i in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[i : i + 100])
-            self.client.log_text(run_id, json.dumps(spec, indent=2, sort_keys=True), "study_spec.json")
-            self.client.log_text(run_id, json.dumps(resolved_space, indent=2, sort_keys=True), "search_space.json")
-            return run_id
-        except Exception as exc:  # noqa: BLE001
-            raise TrackingError(f"MLflow parent run: {_short(exc)}") from exc
+        return self.parent_run(None).create(experiment_id, study_id=study_id, study_name=study_name, spec=spec,
+                                            resolved_space=resolved_space)
 
     def set_run_status(self, run_id: str, status: str) -> None:
         """``RUNNING`` (resume) or a final status (FINISHED / FAILED / KILLED) if the run is not final yet."""
-        try:
-            run = self.client.get_run(run_id)
-            if status == "RUNNING":
-                if run.info.status != "RUNNING":
-                    self.client.update_run(run_id, status="RUNNING")
-            elif run.info.status == "RUNNING":
-                self.client.set_terminated(run_id, status=status)
-        except Exception as exc:  # noqa: BLE001
-            raise TrackingError(f"MLflow run {run_id}: {_short(exc)}") from exc
+        self.parent_run(run_id).set_status(status)
+
+    def parent_run(self, run_id: str | None) -> ParentRun:
+        """A study's parent run through this gateway's client (one attempt per call; errors raise)."""
+        return ParentRun(self.tracking_uri, run_id, client=self.client, tries=1)
 
     def run_url(self, experiment_id: str | None, run_id: str | None) -> str | None:
         if not experiment_id or not run_id:
@@ -112,20 +94,6 @@ class MlflowGateway:
 
     def experiment_url(self, experiment_id: str | None) -> str | None:
         return f"{self.ui_url}/#/experiments/{experiment_id}" if experiment_id else None
-
-
-def flatten_params(spec: dict[str, Any]) -> dict[str, str]:
-    """``{"objective.metric": "val_acc", "base.epochs": "4", "search_space": "digits-smoke", ...}``."""
-    out: dict[str, str] = {}
-    for key, value in spec.items():
-        if key == "search_space":
-            out["search_space"] = value if isinstance(value, str) else "inline"
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                out[f"{key}.{k}"] = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-        else:
-            out[key] = str(value)
-    return {k: v[:6000] for k, v in out.items()}
 
 
 # -- Optuna -------------------------------------------------------------------------------------------
@@ -232,9 +200,3 @@ class OptunaReader:
 def _utc(dt: datetime | None) -> datetime | None:
     """Optuna stores naive local times (``datetime.now()``): make them aware, in UTC."""
     return dt.astimezone(UTC) if dt is not None else None
-
-
-def _short(exc: BaseException, n: int = 300) -> str:
-    text = f"{exc.__class__.__name__}: {exc}".strip()
-    text = text.splitlines()[0] if text else text
-    return text if len(text) <= n else text[: n - 3] + "..."

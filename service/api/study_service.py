@@ -10,7 +10,6 @@ finishes in the store even when nobody asks, also after an API restart).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -20,7 +19,9 @@ from typing import Any
 from service.api.backends import MlflowGateway, OptunaReader, StudyView, TrackingError
 from service.api.errors import ApiError, StateConflict
 from service.core.jobs import RayJobError, RayJobsClient, RayUnavailable, driver_entrypoint
+from service.core.parent_run import MLFLOW_STATUS_FOR_STUDY
 from service.core.paths import PathNotAllowed, check_spec_paths
+from service.core.payload import PAYLOAD_ENV, JobPayload
 from service.core.settings import Settings
 from service.core.spec import StudySpec
 from service.core.store import ActiveLimitReached, IdempotencyConflict, Study, StudyStatus, StudyStore, utcnow
@@ -32,8 +33,6 @@ ACTIVE = {StudyStatus.PENDING, StudyStatus.RUNNING, StudyStatus.STOPPING}
 #: right after submission on a busy head.
 LOST_JOB_GRACE = timedelta(seconds=30)
 NEVER_SUBMITTED_GRACE = timedelta(seconds=120)
-MLFLOW_FINAL = {StudyStatus.SUCCEEDED: "FINISHED", StudyStatus.FAILED: "FAILED", StudyStatus.CANCELLED: "KILLED",
-                StudyStatus.INTERRUPTED: "KILLED"}
 RESUMABLE = {st for st in StudyStatus if st.is_resumable}
 
 
@@ -158,20 +157,18 @@ class StudyService:
         )
         return self.store.update(row.id, mlflow_experiment_id=exp_id, mlflow_parent_run_id=run_id)
 
-    def job_payload(self, row: Study, spec: StudySpec, *, resume: bool) -> dict[str, Any]:
-        job_spec = spec.to_job_spec()
-        job_spec["budget"]["num_trials"] = row.num_trials
-        return {
-            "study_id": row.id,
-            "spec": job_spec,
-            "mlflow_tracking_uri": self.settings.mlflow_tracking_uri,
-            "experiment_id": row.mlflow_experiment_id,
-            "parent_run_id": row.mlflow_parent_run_id,
-            "optuna_storage": self.settings.optuna_storage,
-            "tune_storage": self.settings.tune_storage,
-            "resume": resume,
-            "num_trials": row.num_trials,
-        }
+    def job_payload(self, row: Study, spec: StudySpec, *, resume: bool) -> JobPayload:
+        return JobPayload.build(
+            study_id=row.id,
+            spec=spec,
+            num_trials=row.num_trials,
+            mlflow_tracking_uri=self.settings.mlflow_tracking_uri,
+            experiment_id=row.mlflow_experiment_id,
+            parent_run_id=row.mlflow_parent_run_id,
+            optuna_storage=self.settings.optuna_storage,
+            tune_storage=self.settings.tune_storage,
+            resume=resume,
+        )
 
     def _submit(self, row: Study, spec: StudySpec, *, resume: bool) -> Study:
         sub_id = submission_id_for(row.id, row.resume_count)
@@ -179,7 +176,7 @@ class StudyService:
         env_vars = {
             "RAY_JOB_STOP_SIGNAL": "SIGINT",
             "RAY_JOB_STOP_WAIT_TIME_S": str(self.settings.job_stop_wait_s),
-            "BONN_SWEEP_JOB": json.dumps(payload),
+            PAYLOAD_ENV: payload.to_json(),
         }
         try:
             self.jobs.submit(
@@ -364,7 +361,7 @@ class StudyService:
 
     def _finish_parent_run(self, row: Study) -> None:
         """The driver ends the parent run; this makes sure it ends even if the driver could not."""
-        final = MLFLOW_FINAL.get(row.status_enum)
+        final = MLFLOW_STATUS_FOR_STUDY.get(row.status)
         if final and row.mlflow_parent_run_id:
             try:
                 self.tracking.set_run_status(row.mlflow_parent_run_id, final)

@@ -27,9 +27,14 @@ RAY_TO_STUDY = {
     "STOPPED": "CANCELLED",
 }
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-#: exit codes of ``python -m service.sweep.driver`` when it ends a study itself (service/sweep/driver.py EXIT_*:
-#: succeeded, failed, bad payload, cancelled). Any other end of a FAILED job means the driver was cut off.
-DRIVER_EXIT_CODES = frozenset({0, 1, 2, 130})
+#: exit codes of ``python -m service.sweep.driver`` when it ends a study itself: succeeded; failed (trials
+#: failed, none completed, an exception, registration failed); bad payload (or invalid spec); cancelled
+#: (SIGINT / SIGTERM, Tune state saved). Any other end of a FAILED job means the driver was cut off.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_PAYLOAD = 2
+EXIT_CANCELLED = 130
+DRIVER_EXIT_CODES = frozenset({EXIT_OK, EXIT_FAILED, EXIT_BAD_PAYLOAD, EXIT_CANCELLED})
 #: job errors of a driver that was running and was lost with its Ray worker / node
 LOST_DRIVER_ERRORS = frozenset({"JOB_SUPERVISOR_ACTOR_DIED"})
 

@@ -59,6 +59,7 @@ def job_payload(spec_dict: dict, *, mlflow_uri: str, optuna_storage: str, tune_s
     the API would send (docs/contracts.md), for a fresh study id ``<id_prefix>-<hex>``."""
     from mlflow import MlflowClient
 
+    from service.core.payload import JobPayload
     from service.core.spec import StudySpec
 
     spec = StudySpec.model_validate(spec_dict)
@@ -66,17 +67,11 @@ def job_payload(spec_dict: dict, *, mlflow_uri: str, optuna_storage: str, tune_s
     study_id = f"{id_prefix}-{uuid.uuid4().hex[:10]}"
     exp_id = client.create_experiment(f"bonn-sweep-{study_id}")
     parent = client.create_run(exp_id, run_name=spec.name, tags={"study_id": study_id})
-    return {
-        "study_id": study_id,
-        "spec": spec.to_job_spec(),
-        "mlflow_tracking_uri": mlflow_uri,
-        "experiment_id": exp_id,
-        "parent_run_id": parent.info.run_id,
-        "optuna_storage": optuna_storage,
-        "tune_storage": tune_storage,
-        "resume": False,
-        "num_trials": spec.budget.num_trials,
-    }
+    return JobPayload.build(
+        study_id=study_id, spec=spec, num_trials=spec.budget.num_trials, mlflow_tracking_uri=mlflow_uri,
+        experiment_id=exp_id, parent_run_id=parent.info.run_id, optuna_storage=optuna_storage,
+        tune_storage=tune_storage, resume=False,
+    ).model_dump(mode="json")
 
 
 EPOCH_LINE = re.compile(r"trial train_bonn_(\w+) epoch (\d+)/\d+ ")

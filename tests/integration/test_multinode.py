@@ -141,7 +141,7 @@ def _epochs_by_trial(logs: str) -> dict[str, list[tuple[int, str]]]:
 
 
 def _node(node_id: str) -> str:
-    from service.sweep.driver import NODE_ID_CHARS
+    from service.sweep.monitor import NODE_ID_CHARS
 
     return node_id[:NODE_ID_CHARS]
 

@@ -16,18 +16,21 @@ pytest.importorskip("ray.tune")
 
 from optuna.trial import TrialState  # noqa: E402
 
+from service.core import jobs  # noqa: E402
+from service.core.payload import PAYLOAD_ENV, JobPayload, PayloadError  # noqa: E402
 from service.sweep import driver  # noqa: E402
-from service.sweep.optuna_bridge import (  # noqa: E402
+from service.sweep.monitor import StudyMonitor  # noqa: E402
+from service.sweep.registry import registered_model_name  # noqa: E402
+from service.sweep.searcher import (  # noqa: E402
     DefineByRun,
     StudyConcurrencyLimiter,
     StudyOptunaSearch,
     StudySearchGenerator,
     build_sampler,
-    classify_stop,
     fail_running_trials,
     grid_size,
-    target_epochs,
 )
+from service.sweep.stop_reasons import classify_stop, target_epochs  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -72,7 +75,7 @@ def test_helpers():
     assert classify_stop(2, 4) == "early_stopped" and classify_stop(4, 4) == "completed"
     assert classify_stop(4, 4, error=True) == "error"
     assert grid_size({"a": [1, 2], "b": [1, 2, 3]}) == 6
-    assert driver.registered_model_name("digits smoke") == "bonn-sweep-digits-smoke"
+    assert registered_model_name("digits smoke") == "bonn-sweep-digits-smoke"
 
 
 def test_pruned_complete_fail(storage_url):
@@ -312,13 +315,11 @@ def test_grid_exhaustion_does_not_leave_running(storage_url):
 # -- monitor --------------------------------------------------------------------------------------------
 
 
-def plan(**kw):
-    base = dict(name="n", space=None, base={"epochs": 3}, metric="val_acc", mode="max", sampler="tpe", seed=0,
-                scheduler="asha", grace_period=1, reduction_factor=2.0, max_t=3, num_trials=4, max_concurrent=2,
-                time_budget_s=None, max_failed_trials=1, cpus_per_trial=1.0, gpus_per_trial=0.0,
-                data_parallel_workers=1, default_epochs=10)
-    base.update(kw)
-    return driver.StudyPlan(**base)
+def monitor(generator, **kw):
+    args = dict(metric="val_acc", num_trials=4, fixed_keys={"epochs"}, max_failed_trials=1, time_budget_s=None,
+                default_epochs=10, max_t=3)
+    args.update(kw)
+    return StudyMonitor(generator=generator, **args)
 
 
 class Gen:
@@ -337,14 +338,14 @@ def fake_trial(tid):
 
 def test_monitor_failure_limit_and_budget(capsys):
     g = Gen()
-    m = driver.StudyMonitor(plan(max_failed_trials=1), generator=g)
+    m = monitor(g, max_failed_trials=1)
     m.on_trial_error(iteration=1, trials=[], trial=fake_trial("a"))
     assert not g.finished and not m.failure_limit_hit
     m.on_trial_error(iteration=2, trials=[], trial=fake_trial("b"))
     assert g.finished and m.failure_limit_hit
 
     g2 = Gen()
-    m2 = driver.StudyMonitor(plan(time_budget_s=0.05), generator=g2)
+    m2 = monitor(g2, time_budget_s=0.05)
     m2.setup()
     m2.on_step_begin(iteration=1, trials=[])
     assert not g2.finished
@@ -352,7 +353,7 @@ def test_monitor_failure_limit_and_budget(capsys):
     m2.on_step_begin(iteration=2, trials=[])
     assert g2.finished and m2.budget_hit
     # elapsed time survives a restore
-    m3 = driver.StudyMonitor(plan(time_budget_s=0.05), generator=Gen())
+    m3 = monitor(Gen(), time_budget_s=0.05)
     m3.set_state(pickle.loads(pickle.dumps(m2.get_state())))
     m3.setup()
     assert m3.elapsed() >= 0.06
@@ -361,7 +362,7 @@ def test_monitor_failure_limit_and_budget(capsys):
 
 
 def test_monitor_lines(capsys):
-    m = driver.StudyMonitor(plan(), generator=Gen())
+    m = monitor(Gen())
     t = fake_trial("x")
     m.on_trial_start(iteration=0, trials=[], trial=t)
     m.on_trial_result(iteration=1, trials=[], trial=t, result={"epoch": 1, "val_acc": 0.25, "epoch_time_s": 0.5})
@@ -385,46 +386,70 @@ def test_payload(tmp_path, monkeypatch):
     f.write_text(json.dumps(good))
     p = driver.load_payload(["--job-file", str(f)])
     assert p.study_id == "s" and p.experiment_id == "3" and p.resume and p.num_trials == 5
-    monkeypatch.setenv(driver.PAYLOAD_ENV, json.dumps(good))
+    monkeypatch.setenv(PAYLOAD_ENV, json.dumps(good))
     assert driver.load_payload([]).parent_run_id == "p"
-    with pytest.raises(driver.PayloadError, match="study id"):
+    with pytest.raises(PayloadError, match="study id"):
         driver.load_payload(["other"])
     bad = dict(good)
     del bad["optuna_storage"]
-    monkeypatch.setenv(driver.PAYLOAD_ENV, json.dumps(bad))
-    with pytest.raises(driver.PayloadError, match="optuna_storage"):
+    monkeypatch.setenv(PAYLOAD_ENV, json.dumps(bad))
+    with pytest.raises(PayloadError, match="optuna_storage"):
         driver.load_payload([])
-    monkeypatch.setenv(driver.PAYLOAD_ENV, json.dumps({**good, "num_trials": 0}))
-    with pytest.raises(driver.PayloadError, match="num_trials"):
+    monkeypatch.setenv(PAYLOAD_ENV, json.dumps({**good, "num_trials": 0}))
+    with pytest.raises(PayloadError, match="num_trials"):
         driver.load_payload([])
-    monkeypatch.setenv(driver.PAYLOAD_ENV, "{not json")
-    assert driver.main([]) == driver.EXIT_BAD_PAYLOAD
-    monkeypatch.delenv(driver.PAYLOAD_ENV)
-    assert driver.main([]) == driver.EXIT_BAD_PAYLOAD
+    monkeypatch.setenv(PAYLOAD_ENV, "{not json")
+    assert driver.main([]) == jobs.EXIT_BAD_PAYLOAD
+    monkeypatch.delenv(PAYLOAD_ENV)
+    assert driver.main([]) == jobs.EXIT_BAD_PAYLOAD
 
 
-def test_plan_from_spec_digits_smoke():
+def test_payload_derived_values_digits_smoke():
     pytest.importorskip("search_spaces")
     spec = {"name": "digits smoke", "search_space": "digits-smoke", "base": {"epochs": 2},
             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
             "budget": {"num_trials": 4, "max_concurrent_trials": 2}}
-    p = driver.plan_from_spec(spec, num_trials=6)
-    assert p.num_trials == 6 and p.max_t == 2 and p.base["epochs"] == 2 and p.base["dataset"] == "digits"
-    assert p.target_epochs == 2 and p.metric == "val_acc" and p.mode == "max"
-    assert p.space.warm_start_points
+    p = JobPayload(study_id="s", spec=spec, mlflow_tracking_uri="http://m", optuna_storage="sqlite:///x.db",
+                   tune_storage="/t", num_trials=6)
+    base = p.trial_defaults
+    assert p.trials_requested == 6 and p.max_t == 2 and base["epochs"] == 2 and base["dataset"] == "digits"
+    assert p.target_epochs == 2 and p.study_spec.objective.metric == "val_acc" and p.study_spec.objective.mode == "max"
+    space = p.study_spec.space
+    assert space.warm_start_points
     # the define-by-run wrapper keeps base on top of the space's fixed values
     study = optuna.create_study(direction="maximize")
     t = study.ask()
-    fixed = DefineByRun(p.space, drop_keys=p.base.keys())(t) or {}
+    fixed = DefineByRun(space, drop_keys=base.keys())(t) or {}
     assert "epochs" not in fixed and set(t.params) == {"lam", "theta", "nu"}
     assert all(math.isfinite(v) for v in t.params.values())
-    pickle.dumps(DefineByRun(p.space, drop_keys=p.base.keys()))
+    pickle.dumps(DefineByRun(space, drop_keys=base.keys()))
 
 
 def test_invalid_spec_fails_cleanly(monkeypatch, tmp_path, capsys):
     payload = {"study_id": "bad", "spec": {"name": "x", "search_space": "no-such-preset"},
                "mlflow_tracking_uri": f"sqlite:///{tmp_path}/m.db", "optuna_storage": f"sqlite:///{tmp_path}/o.db",
                "tune_storage": str(tmp_path / "tune")}
-    monkeypatch.setenv(driver.PAYLOAD_ENV, json.dumps(payload))
-    assert driver.main([]) == driver.EXIT_BAD_PAYLOAD
+    monkeypatch.setenv(PAYLOAD_ENV, json.dumps(payload))
+    assert driver.main([]) == jobs.EXIT_BAD_PAYLOAD
     assert "invalid spec" in capsys.readouterr().out
+
+
+def test_job_payload_built_by_the_api_is_what_the_driver_parses():
+    pytest.importorskip("search_spaces")
+    from service.core.spec import StudySpec
+    from service.sweep.tuner import trial_bundles
+
+    spec = StudySpec.model_validate({
+        "name": "rt", "search_space": "digits-smoke", "base": {"epochs": 3}, "scheduler": {"type": "fifo"},
+        "budget": {"num_trials": 4}, "resources": {"cpus_per_trial": 2, "data_parallel_workers": 2, "custom": {"w": 1}},
+    })
+    p = JobPayload.build(study_id="s", spec=spec, num_trials=7, mlflow_tracking_uri="http://m", experiment_id="3",
+                         parent_run_id=None, optuna_storage="sqlite:///o.db", tune_storage="/t", resume=True)
+    q = JobPayload.from_json(p.to_json())
+    assert q.model_dump() == p.model_dump()
+    assert q.spec["budget"]["num_trials"] == 7 and q.trials_requested == 7 and q.resume
+    assert isinstance(q.spec["search_space"], dict)  # resolved inline
+    assert q.max_t is None and q.epochs == 3 and q.target_epochs == 3 and q.custom_resources == {"w": 1.0}
+    assert trial_bundles(q) == [{"CPU": 2.0, "GPU": 0.0, "w": 1.0}] * 2
+    with pytest.raises(PayloadError, match="JSON object"):
+        JobPayload.from_json("[1]")

@@ -16,13 +16,9 @@ pytest.importorskip("ray.tune")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from service.sweep.tracking import (  # noqa: E402
-    MLflowStudyCallback,
-    error_reason,
-    flatten_config,
-    numeric_metrics,
-    resolved_config,
-)
+from service.core.mlflow_calls import flatten_params  # noqa: E402
+from service.sweep.mlflow_callback import MLflowStudyCallback, numeric_metrics, resolved_config  # noqa: E402
+from service.sweep.stop_reasons import error_reason  # noqa: E402
 
 STUDY = "study-unit"
 
@@ -124,8 +120,8 @@ def artifact_paths(client, run_id, path=None) -> set[str]:
 # -- tests --------------------------------------------------------------------------------------------
 
 
-def test_flatten_config_and_metric_filter():
-    flat = flatten_config({"lam": 1e-4, "lr_milestones": [0.3, 0.6], "nested": {"a": 1}, "block_style": None})
+def test_flatten_params_and_metric_filter():
+    flat = flatten_params({"lam": 1e-4, "lr_milestones": [0.3, 0.6], "nested": {"a": 1}, "block_style": None})
     assert flat == {"lam": "0.0001", "lr_milestones": "[0.3, 0.6]", "nested.a": "1", "block_style": "None"}
     m = numeric_metrics({"val_acc": 0.5, "done": True, "pid": 3, "loss": float("nan"), "name": "x", "flag": True})
     assert m == {"val_acc": 0.5}
@@ -405,3 +401,35 @@ def test_upload_policy_improved(exp, tmp_path):
     epochs = sorted(p.split("/")[1] for p in arts if p.startswith("checkpoints/"))
     assert epochs == ["epoch_001", "epoch_003", "epoch_004"]  # improved, improved, final
     assert cb.record(trial.trial_id)["checkpoint_uri"].endswith("epoch_003")
+
+
+def test_parent_run_has_one_owner_for_api_and_driver(exp):
+    from service.core.mlflow_calls import TrackingError
+    from service.core.parent_run import ParentRun
+
+    spec = {"name": "n", "search_space": {"parameters": {}}, "base": {"epochs": 3, "lr_milestones": [0.5]},
+            "resources": {"custom": {"w": 1}}}
+    run_id = ParentRun(exp.uri).create(exp.exp_id, study_id="s", study_name="n", spec=spec, resolved_space={})
+    run = exp.client.get_run(run_id)
+    assert run.data.params == {"name": "n", "search_space": "inline", "base.epochs": "3",
+                               "base.lr_milestones": "[0.5]", "resources.custom": '{"w": 1}'}
+    assert run.data.tags["study_id"] == "s" and run.data.tags["bonn_sweep.role"] == "study"
+
+    warnings: list[str] = []
+    driver_side = ParentRun(exp.uri, run_id, tries=3, backoff_s=0.01, warn=warnings.append)
+    driver_side.start("s")
+    driver_side.log_metric("best_value", 0.5)
+    driver_side.end("SUCCEEDED", {"registered_model": "m/1"})
+    run = exp.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["best_value"] == 0.5
+    assert run.data.tags["status"] == "SUCCEEDED" and run.data.tags["registered_model"] == "m/1"
+    api_side = ParentRun(exp.uri, run_id)
+    api_side.set_status("KILLED")  # the driver ended it: a final status stays
+    assert exp.client.get_run(run_id).info.status == "FINISHED"
+    api_side.set_status("RUNNING")  # a resume
+    assert exp.client.get_run(run_id).info.status == "RUNNING"
+    assert not warnings
+    ParentRun(exp.uri, "no-such-run", tries=3, backoff_s=0.01, warn=warnings.append).set_tags({"a": 1})
+    assert len(warnings) == 1 and "set_tag(a)" in warnings[0]
+    with pytest.raises(TrackingError, match="no-such-run"):
+        ParentRun(exp.uri, "no-such-run").set_status("FAILED")

@@ -1,4 +1,4 @@
-"""Optuna under Ray Tune, the way a study needs it.
+"""The study's searcher: Optuna under Ray Tune, the way a study needs it.
 
 Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
 
@@ -35,12 +35,13 @@ Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
     resume that extends a study's ``num_trials`` would otherwise be ignored. A restored generator
     that had been ``set_finished()`` (failure limit, time budget) is reopened when trials remain.
     Its count of created trials includes those that finished after the saved state (see above).
+
+Optuna's private storage API is reached only through :func:`trial_storage` and :func:`storage_trial_id`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable, Iterable
 
 import optuna
@@ -49,13 +50,18 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.search_generator import SearchGenerator
 
-logger = logging.getLogger("bonn_sweep.optuna")
+from service.sweep.stop_reasons import (
+    STOP_CANCELLED,
+    STOP_COMPLETED,
+    STOP_EARLY,
+    STOP_ERROR,
+    classify_stop,
+    epochs_done,
+    finite,
+    target_epochs,
+)
 
-STOP_COMPLETED = "completed"
-STOP_EARLY = "early_stopped"
-STOP_ERROR = "error"
-STOP_CANCELLED = "cancelled"
-STOP_REASONS = (STOP_COMPLETED, STOP_EARLY, STOP_ERROR, STOP_CANCELLED)
+logger = logging.getLogger("bonn_sweep.optuna")
 
 #: Optuna state per stop reason (cancelled: PRUNED when a value exists, else FAIL -- see callers)
 STATE_FOR_REASON = {
@@ -65,47 +71,47 @@ STATE_FOR_REASON = {
 }
 
 
-# -- helpers shared with the MLflow callback ---------------------------------------------------------
-
-
-def epochs_done(result: dict | None) -> int:
-    """Epochs a trial has finished according to its last result (``epoch``, else Tune's iteration)."""
-    if not result:
-        return 0
-    for key in ("epoch", "training_iteration"):
-        v = result.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            return int(v)
-    return 0
-
-
-def target_epochs(config_epochs: Any, default_epochs: int, max_t: int | None) -> int:
-    """Epochs after which a trial counts as complete: its ``epochs``, capped by ASHA's ``max_t``."""
-    try:
-        epochs = int(config_epochs) if config_epochs is not None else int(default_epochs)
-    except (TypeError, ValueError):
-        epochs = int(default_epochs)
-    return min(epochs, int(max_t)) if max_t else epochs
-
-
-def classify_stop(epochs: int, target: int, error: bool = False) -> str:
-    """``error`` | ``completed`` (reached its target epochs) | ``early_stopped`` (a scheduler stopped it)."""
-    if error:
-        return STOP_ERROR
-    return STOP_COMPLETED if epochs >= target else STOP_EARLY
-
-
 def _step(result: dict | None, default: int) -> int:
     """The step Ray's OptunaSearch reports intermediate values at (Tune's training_iteration)."""
     v = (result or {}).get("training_iteration")
     return int(v) if isinstance(v, int) and not isinstance(v, bool) else max(int(default), 1)
 
 
-def finite(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+# -- Optuna internals (each workaround in one place) --------------------------------------------------
+
+
+def trial_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage behind ``study`` (``study._storage``, private). Optuna 5 has no public way to read a
+    trial by its storage id as a FrozenTrial while a ``Trial`` object holds it (to see its stored
+    intermediate values / state), nor to set a user attr or the state of a trial that no ``Trial``
+    object of this process holds (an orphan of a killed driver, a RUNNING trial at a cancel)."""
+    return study._storage
+
+
+def storage_trial_id(trial: Any) -> int:
+    """The storage id of an Optuna ``Trial`` / ``FrozenTrial`` (``_trial_id``, private): Optuna 5 keys
+    its storage by it but exposes only ``number``; ``optuna.Trial(study, id)`` re-binds a restored trial."""
+    return trial._trial_id
+
+
+def mark_running_trials(study: optuna.Study, reason: str, keep: Iterable[int] = (), fail: bool = False) -> int:
+    """Set ``stop_reason`` = ``reason`` on every RUNNING trial of ``study`` (but those whose storage id
+    is in ``keep``) and, with ``fail``, set it FAIL. Returns how many were changed."""
+    keep = set(keep)
+    storage = trial_storage(study)
+    n = 0
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        tid = storage_trial_id(ft)
+        if tid in keep:
+            continue
+        try:
+            storage.set_trial_user_attr(tid, "stop_reason", reason)
+            if fail:
+                storage.set_trial_state_values(tid, TrialState.FAIL)
+            n += 1
+        except Exception as exc:  # noqa: BLE001 - finished meanwhile
+            logger.debug("could not mark running trial %s: %s", ft.number, exc)
+    return n
 
 
 # -- samplers ----------------------------------------------------------------------------------------
@@ -309,7 +315,7 @@ class StudyOptunaSearch(OptunaSearch):
             if state == TrialState.PRUNED:
                 # Optuna takes a pruned trial's value from its last intermediate value; Tune did not
                 # report the result on which the scheduler stopped the trial, so report it here.
-                frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+                frozen = trial_storage(self._ot_study).get_trial(storage_trial_id(ot_trial))
                 if value is not None and step not in frozen.intermediate_values:
                     ot_trial.report(value, step)
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
@@ -327,7 +333,7 @@ class StudyOptunaSearch(OptunaSearch):
     def _record_retry(self, trial_id: str, result: dict | None, error: bool) -> None:
         old = self._ot_trials[trial_id]
         try:
-            frozen = self._ot_study._storage.get_trial(old._trial_id)
+            frozen = trial_storage(self._ot_study).get_trial(storage_trial_id(old))
         except Exception:  # noqa: BLE001
             return
         if frozen.state != TrialState.FAIL or self._retries.get(trial_id) == frozen.number:
@@ -381,9 +387,9 @@ class StudyOptunaSearch(OptunaSearch):
         self._ot_trials = {}
         for tid, t in old_trials.items():
             try:
-                self._ot_trials[tid] = optuna.Trial(self._ot_study, t._trial_id)
+                self._ot_trials[tid] = optuna.Trial(self._ot_study, storage_trial_id(t))
             except Exception as exc:  # noqa: BLE001 - a trial deleted from the storage
-                logger.warning("restored trial %s has no Optuna trial %s: %s", tid, t._trial_id, exc)
+                logger.warning("restored trial %s has no Optuna trial %s: %s", tid, storage_trial_id(t), exc)
         self.finished_unknown = self._count_finished_unknown()
         n = self.fail_orphans()
         msg = (
@@ -399,10 +405,10 @@ class StudyOptunaSearch(OptunaSearch):
         """Optuna trials of this study that no restored Tune trial maps to but that finished: started
         and ended after the last saved Tune state (the driver was then killed). Excluded: orphans
         failed on an earlier restore (``stop_reason=cancelled``) and re-runs (``retry_of``)."""
-        known = {t._trial_id for t in self._ot_trials.values()}
+        known = {storage_trial_id(t) for t in self._ot_trials.values()}
         n = 0
         for ft in self._ot_study.get_trials(deepcopy=False):
-            if ft._trial_id in known or "retry_of" in ft.user_attrs:
+            if storage_trial_id(ft) in known or "retry_of" in ft.user_attrs:
                 continue
             if ft.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
                 ft.state == TrialState.FAIL and ft.user_attrs.get("stop_reason") != STOP_CANCELLED
@@ -418,24 +424,13 @@ class StudyOptunaSearch(OptunaSearch):
 
     def fail_orphans(self) -> int:
         """Mark RUNNING Optuna trials that no unfinished Tune trial maps to as FAIL."""
-        active = {t._trial_id for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
+        active = {storage_trial_id(t) for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
         return fail_running_trials(self._ot_study, keep=active)
 
 
 def fail_running_trials(study: optuna.Study, keep: Iterable[int] = (), reason: str = STOP_CANCELLED) -> int:
     """Set every RUNNING trial of ``study`` (but those whose storage id is in ``keep``) to FAIL."""
-    keep = set(keep)
-    n = 0
-    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if ft._trial_id in keep:
-            continue
-        try:
-            study._storage.set_trial_user_attr(ft._trial_id, "stop_reason", reason)
-            study._storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
-            n += 1
-        except Exception as exc:  # noqa: BLE001 - finished meanwhile
-            logger.debug("could not fail orphan trial %s: %s", ft.number, exc)
-    return n
+    return mark_running_trials(study, reason, keep=keep, fail=True)
 
 
 # -- Tune wrappers -----------------------------------------------------------------------------------

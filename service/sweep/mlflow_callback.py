@@ -24,16 +24,10 @@ before creating a run the callback searches the experiment for a run tagged with
 ``tune_trial_id`` and ``study_id``. A reopened run skips epochs it already has (a crash can make a
 restored trial repeat epochs after its last saved experiment state).
 
-MLflow outages never crash the sweep, hold it up only for the first call that fails (MLflow's own
-HTTP retries), and lose nothing: when the server cannot be reached
-the callback goes *offline* -- runs to create, params, per-epoch metrics, tags, run ends and
-checkpoints (spooled to ``spool_dir``, since Tune deletes old checkpoints) queue up per trial, in
-order, and are sent once a cheap ``/health`` probe (exponential backoff up to ``max_down_backoff_s``)
-finds the server back: at the next Tune step or trial event, and at the end of the sweep (waiting up
-to ``final_wait_s``). The queue is part of the saved state. A request the server refuses for good
-(or after ``retries`` attempts with backoff) is logged and skipped. A trial that starts and ends
-entirely within an outage gets its run afterwards, but its (finished) Optuna trial cannot take the
-``mlflow_run_id`` attribute any more: the run is found by its ``tune_trial_id`` tag.
+MLflow outages never crash the sweep and lose nothing: what cannot be sent waits in the outbox
+(:class:`service.sweep.outbox.MlflowOutbox`, part of the saved state) until MLflow is back. A trial
+that starts and ends entirely within an outage gets its run afterwards, but its (finished) Optuna
+trial cannot take the ``mlflow_run_id`` attribute any more: the run is found by its ``tune_trial_id`` tag.
 
 Errors: an errored trial's run gets tags ``error`` (the end of Tune's error text, all attempts) and
 ``error_reason`` (one line, e.g. ``TrainingDiverged: non-finite training loss in epoch 1: ...``).
@@ -45,89 +39,42 @@ from __future__ import annotations
 
 import copy
 import glob
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Callable
 
 from ray.tune import Callback
 
-from service.sweep.optuna_bridge import (
+from service.core.mlflow_calls import MAX_TAG_LEN, flatten_params
+from service.sweep.outbox import DRAIN_INTERVAL_S, MlflowOutbox
+from service.sweep.stop_reasons import (
+    RUN_STATUS_FOR_REASON,
     STOP_CANCELLED,
     STOP_COMPLETED,
-    STOP_EARLY,
     STOP_ERROR,
     classify_stop,
     epochs_done,
+    error_reason,
     finite,
     target_epochs,
+    trial_error_text,
 )
 
 logger = logging.getLogger("bonn_sweep.tracking")
 
-RUN_STATUS_FOR_REASON = {
-    STOP_COMPLETED: "FINISHED",
-    STOP_EARLY: "FINISHED",
-    STOP_ERROR: "FAILED",
-    STOP_CANCELLED: "KILLED",
-}
-
 #: Tune bookkeeping keys that are not metrics of the trial
-NON_METRIC_KEYS = frozenset(
-    {
-        "done",
-        "timestamp",
-        "pid",
-        "trial_id",
-        "date",
-        "hostname",
-        "node_ip",
-        "config",
-        "should_checkpoint",
-        "checkpoint_dir_name",
-        "experiment_tag",
-        "iterations_since_restore",
-        "time_since_restore",
-        "timesteps_since_restore",
-        "timesteps_total",
-        "episodes_total",
-        "experiment_id",
-    }
-)
+NON_METRIC_KEYS = frozenset({
+    "done", "timestamp", "pid", "trial_id", "date", "hostname", "node_ip", "config", "should_checkpoint",
+    "checkpoint_dir_name", "experiment_tag", "iterations_since_restore", "time_since_restore",
+    "timesteps_since_restore", "timesteps_total", "episodes_total", "experiment_id",
+})
 CHECKPOINT_FILES = ("checkpoint.pt",)
 #: per-epoch metrics also kept as trial attributes (the API's trial view shows the last value)
 DYNAMICS_ATTRS = ("flip_frac", "flip_frac_init", "bimodality")
 PLOT_GLOB = "*.png"
 UPLOAD_POLICIES = ("all", "improved", "none")
-MAX_OP_TRIES = 5  # a queued run update that fails this often against a server that answers is dropped
-DRAIN_INTERVAL_S = 1.0  # at most this often, a Tune step sends what other trials' events left queued
-MAX_PARAM_LEN = 6000
-MAX_TAG_LEN = 5000
-
-
-def flatten_config(config: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, str]:
-    """Flat ``{key: str}`` for MLflow params: nested dicts joined with ``sep``, lists/tuples as JSON."""
-    out: dict[str, str] = {}
-    for k, v in (config or {}).items():
-        key = f"{prefix}{sep}{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(flatten_config(v, key, sep))
-            continue
-        if isinstance(v, (list, tuple)):
-            try:
-                s = json.dumps(list(v))
-            except TypeError:
-                s = str(list(v))
-        elif isinstance(v, float):
-            s = repr(v)
-        else:
-            s = str(v)
-        out[key] = s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
-    return out
 
 
 def resolved_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +120,7 @@ def _better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
 
-class MLflowStudyCallback(Callback):
+class MLflowStudyCallback(MlflowOutbox, Callback):
     """Ray Tune callback: MLflow child run per trial, checkpoints as artifacts, restorable state.
 
     Args:
@@ -187,7 +134,7 @@ class MLflowStudyCallback(Callback):
         upload: ``all`` (every epoch's checkpoint), ``improved`` (epochs that improve the trial's
             best, the final epoch, and epochs with a plot), ``none``.
         optuna_link: object with ``set_trial_attrs(tune_trial_id, dict)`` and
-            ``trial_number(tune_trial_id)`` (:class:`service.sweep.optuna_bridge.StudyOptunaSearch`).
+            ``trial_number(tune_trial_id)`` (:class:`service.sweep.searcher.StudyOptunaSearch`).
         retries, backoff_s: per MLflow call that fails while the server answers (5xx, 429, ...).
         echo: a function for one-line progress messages (default: the module logger).
         spool_dir: where checkpoint files wait for an upload while MLflow is unreachable (default:
@@ -241,10 +188,7 @@ class MLflowStudyCallback(Callback):
         self._study: dict[str, Any] = {"finished": 0, "best_value": None, "best_trial": None}
         self._parent_ops: list[dict[str, Any]] = []  # best_so_far metrics not sent yet
         # -- this process only --
-        self._down_until: float | None = None  # MLflow unreachable: no calls before this (monotonic)
-        self._down_backoff = backoff_s
-        self._down_since: float | None = None
-        self._next_drain = 0.0
+        self._reset_online()
         self._orphans_checked = False
         self.failed_calls = 0
         self.timings: dict[str, tuple[int, float]] = {}  # hook -> (calls, seconds)
@@ -263,75 +207,8 @@ class MLflowStudyCallback(Callback):
         self.__dict__.setdefault("spool_dir", None)
         self.__dict__.setdefault("final_wait_s", 120.0)
         self.__dict__.setdefault("max_down_backoff_s", 10.0)
-        self._down_until = self._down_since = None
-        self._down_backoff = self.backoff_s
-        self._next_drain = 0.0
+        self._reset_online()
         self._orphans_checked = False
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
-
-    # -- MLflow calls that never raise -----------------------------------------------------------------
-    def _call(self, what: str, fn: Callable, *args, **kwargs) -> tuple[bool, Any]:
-        """``(True, result)`` or ``(False, None)``. A server that cannot be reached makes the callback
-        *offline* (:meth:`online`): no call is tried until a probe finds it back, and what could not
-        be sent stays queued. Other errors are retried with backoff, then logged and skipped."""
-        if not self.online():
-            return False, None
-        delay = self.backoff_s
-        for attempt in range(1, self.retries + 1):
-            try:
-                return True, fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - server down, hiccup, timeout, 5xx
-                if _unreachable(exc):
-                    self.failed_calls += 1
-                    self._go_offline(what, exc)
-                    return False, None
-                if attempt == self.retries or _permanent(exc):
-                    self.failed_calls += 1
-                    logger.warning("MLflow %s failed after %d attempt(s): %s: %s", what, attempt,
-                                   type(exc).__name__, exc)
-                    return False, None
-                time.sleep(delay)
-                delay *= 2
-        return False, None  # pragma: no cover
-
-    def _go_offline(self, what: str, exc: Exception) -> None:
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            self._down_backoff = self.backoff_s
-            self._say(f"MLflow at {self.tracking_uri} unreachable ({what}: {type(exc).__name__}); "
-                      "queueing runs, metrics, tags and checkpoints until it is back")
-        else:
-            self._down_backoff = min(self._down_backoff * 2, self.max_down_backoff_s)
-        self._down_until = now + self._down_backoff
-
-    def online(self) -> bool:
-        """False while MLflow is unreachable; once the backoff has passed, a cheap probe decides."""
-        if self._down_until is None:
-            return True
-        if time.monotonic() < self._down_until:
-            return False
-        if not _reachable(self.tracking_uri):
-            self._down_backoff = min(self._down_backoff * 2, self.max_down_backoff_s)
-            self._down_until = time.monotonic() + self._down_backoff
-            return False
-        down_s = time.monotonic() - (self._down_since or time.monotonic())
-        self._down_until = self._down_since = None
-        self._say(f"MLflow reachable again after {down_s:.0f}s: sending {self.backlog()} queued item(s)")
-        return True
-
-    def _say(self, msg: str) -> None:
-        if self.echo:
-            self.echo(msg)
-        else:
-            logger.info(msg)
 
     def _link(self, method: str, *args) -> Any:
         if self.optuna_link is None:
@@ -359,7 +236,7 @@ class MLflowStudyCallback(Callback):
                 "best_epoch": None,
                 "checkpoint_uri": None,
                 "uploaded": [],
-                "params": flatten_config(resolved_config(config)),  # not logged yet (None once logged)
+                "params": flatten_params(resolved_config(config)),  # not logged yet (None once logged)
                 "logged_step": 0,  # highest epoch queued or sent (MLflow's, after a reattach)
                 "pending": [],  # [(key, value, step, ts)] not sent yet
                 "ops": [],  # run updates not sent yet, in order (_apply_op)
@@ -377,176 +254,6 @@ class MLflowStudyCallback(Callback):
     def record(self, trial_id: str) -> dict[str, Any] | None:
         rec = self._trials.get(trial_id)
         return copy.deepcopy(rec) if rec else None
-
-    @staticmethod
-    def _owes(rec: dict[str, Any]) -> bool:
-        """Something of this trial has not reached MLflow yet."""
-        return rec["run_id"] is None or bool(rec.get("params") or rec["pending"] or rec.get("ops"))
-
-    def backlog(self) -> int:
-        """Items waiting for MLflow: unsent runs, metric values, run updates, parent metrics."""
-        n = len(self._parent_ops)
-        for rec in self._trials.values():
-            n += int(rec["run_id"] is None) + int(bool(rec.get("params")))
-            n += len(rec["pending"]) + len(rec.get("ops", []))
-        return n
-
-    def _find_existing_run(self, trial_id: str) -> tuple[bool, Any]:
-        flt = f"tags.tune_trial_id = '{trial_id}' and tags.study_id = '{self.study_id}'"
-        ok, runs = self._call(
-            "search_runs", self.client.search_runs, experiment_ids=[self.experiment_id], filter_string=flt,
-            max_results=5,
-        )
-        if ok and runs:
-            return True, sorted(runs, key=lambda r: r.info.start_time or 0)[0]
-        return ok, None
-
-    def _create_run(self, rec: dict[str, Any]) -> bool:
-        """The trial's run: one tagged with its id if MLflow has one, else a new one."""
-        ok, existing = self._find_existing_run(rec["trial_id"])
-        if not ok:
-            return False
-        if existing is not None:
-            rec["run_id"] = existing.info.run_id
-            rec["artifact_uri"] = existing.info.artifact_uri
-            rec["reattached"] = True
-            if rec["stop_reason"] is None and existing.info.status != "RUNNING":
-                rec["ops"].insert(0, {"op": "reopen"})
-            self._say(f"trial {rec['name']}: reusing MLflow run {rec['run_id']} (found by tune_trial_id)")
-        else:
-            tags = {
-                "study_id": self.study_id,
-                "tune_trial_id": rec["trial_id"],
-                "mlflow.source.name": "bonn-sweep driver",
-            }
-            if self.parent_run_id:
-                tags["mlflow.parentRunId"] = self.parent_run_id
-            number = self._link("trial_number", rec["trial_id"])
-            if number is not None:
-                tags["optuna_trial_number"] = str(number)
-            ok, run = self._call(
-                "create_run", self.client.create_run, experiment_id=self.experiment_id, tags=tags,
-                run_name=rec["name"],
-            )
-            if not ok:
-                return False
-            rec["run_id"] = run.info.run_id
-            rec["artifact_uri"] = run.info.artifact_uri
-        attrs = {"mlflow_run_id": rec["run_id"]}
-        if rec["checkpoint_uri"] is None and rec["best_epoch"] in rec["uploaded"]:
-            rec["checkpoint_uri"] = self._checkpoint_uri(rec, rec["best_epoch"])
-            attrs["checkpoint_uri"] = rec["checkpoint_uri"]
-        self._link("set_trial_attrs", rec["trial_id"], attrs)
-        return True
-
-    def _sync(self, rec: dict[str, Any]) -> bool:
-        """Send what MLflow does not have of this trial yet, in order: the run, its params, metrics
-        (never an epoch MLflow already has), then queued run updates. False when MLflow is unreachable
-        (everything unsent stays queued); an item MLflow refuses for good is logged and dropped."""
-        if not self.online():
-            return False
-        if rec["run_id"] is None and not self._create_run(rec):
-            return False
-        if rec["reattached"] and not self._sync_logged_step(rec):
-            return False
-        if rec.get("params"):
-            if not self._log_params(rec) and not self.online():
-                return False
-            rec["params"] = None
-        if rec["pending"]:
-            if not self._flush(rec) and not self.online():
-                return False
-            rec["pending"] = []
-        ops = rec.setdefault("ops", [])
-        while ops:
-            op = ops[0]
-            if not self._apply_op(rec, op):
-                op["tries"] = op.get("tries", 0) + 1
-                if not self.online() and op["tries"] < MAX_OP_TRIES:
-                    return False  # (a server that answers its probe but times out on this op: dropped)
-                logger.warning("MLflow %s of %s dropped after %d attempt(s)", op["op"], rec["name"], op["tries"])
-            ops.pop(0)
-        return True
-
-    def _sync_logged_step(self, rec: dict[str, Any]) -> bool:
-        """After a restore (or a run found by tag): which epochs does MLflow have? Never log one twice."""
-        ok, hist = self._call("get_metric_history", self.client.get_metric_history, rec["run_id"], self.metric)
-        if not ok:
-            return False
-        rec["reattached"] = False
-        have = max((int(m.step) for m in hist), default=0)
-        if have:
-            rec["pending"] = [m for m in rec["pending"] if m[2] > have]
-            rec["logged_step"] = max(rec["logged_step"], have)
-        return True
-
-    def _log_params(self, rec: dict[str, Any]) -> bool:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in sorted(rec["params"].items())]
-        ok = True
-        for i in range(0, len(items), 100):
-            ok &= self._call("log_batch(params)", self.client.log_batch, rec["run_id"], params=items[i : i + 100])[0]
-        return ok
-
-    def _flush(self, rec: dict[str, Any]) -> bool:
-        """Pending metrics in batches of 1000 (MLflow's limit); a sent batch leaves the queue at once."""
-        from mlflow.entities import Metric
-
-        while rec["pending"]:
-            chunk = rec["pending"][:1000]
-            batch = [Metric(k, v, ts, step) for (k, v, step, ts) in chunk]
-            if not self._call("log_batch(metrics)", self.client.log_batch, rec["run_id"], metrics=batch)[0]:
-                return False
-            del rec["pending"][: len(chunk)]
-        return True
-
-    def _apply_op(self, rec: dict[str, Any], op: dict[str, Any]) -> bool:
-        run_id, kind = rec["run_id"], op["op"]
-        if kind == "tags":
-            from mlflow.entities import RunTag
-
-            tags = [RunTag(k, str(v)) for k, v in op["tags"].items()]
-            return self._call("log_batch(tags)", self.client.log_batch, run_id, tags=tags)[0]
-        if kind == "end":
-            return self._call("set_terminated", self.client.set_terminated, run_id, status=op["status"])[0]
-        if kind == "reopen":  # a restored trial continues in its run: RUNNING again, stale stop_reason gone
-            ok, run = self._call("get_run", self.client.get_run, run_id)
-            if not ok:
-                return False
-            if run.info.status != "RUNNING" and not self._call("update_run", self.client.update_run, run_id,
-                                                               status="RUNNING")[0]:
-                return False
-            if "stop_reason" in run.data.tags:
-                return self._call("delete_tag", self.client.delete_tag, run_id, "stop_reason")[0]
-            return True
-        if kind == "artifacts":
-            if not os.path.isdir(op["dir"]):
-                logger.warning("spooled checkpoint %s of %s is gone; not uploaded", op["dir"], rec["name"])
-                return True
-            ok = self._upload_dir(run_id, op["dir"], op["path"], op.get("plots", []))
-            if ok:
-                shutil.rmtree(op["dir"], ignore_errors=True)
-                self._uploaded(rec, op["epoch"])
-            return ok
-        logger.warning("unknown queued MLflow operation %r dropped", kind)  # pragma: no cover
-        return True
-
-    def _queue(self, rec: dict[str, Any], op: dict[str, Any]) -> None:
-        rec.setdefault("ops", []).append(op)
-
-    def _drain(self) -> None:
-        """Send whatever is queued (all trials, then the parent run) while MLflow answers."""
-        for rec in self._trials.values():
-            if self._owes(rec) and not self._sync(rec):
-                return
-        while self._parent_ops and self.parent_run_id:
-            op = self._parent_ops[0]
-            ok = self._call("log_metric(best_so_far)", self.client.log_metric, self.parent_run_id, op["key"],
-                            op["value"], step=op["step"])[0]
-            if not ok and not self.online():
-                return
-            self._parent_ops.pop(0)
 
     def _reopen(self, rec: dict[str, Any]) -> None:
         """A restored trial continues in its run: RUNNING again, stale stop_reason removed."""
@@ -569,7 +276,7 @@ class MLflowStudyCallback(Callback):
     def _end_orphan_runs(self, trials: list) -> bool:
         """Runs of this study still RUNNING that no trial of the (restored) sweep will continue: their
         trials were started after the last saved Tune state by a driver that was then killed. They end
-        ``KILLED`` with ``stop_reason=cancelled``, like their Optuna trials (optuna_bridge, restore)."""
+        ``KILLED`` with ``stop_reason=cancelled``, like their Optuna trials (searcher, restore)."""
         if not self.parent_run_id:
             return True
         known = {t.trial_id for t in trials} | set(self._trials)
@@ -663,41 +370,12 @@ class MLflowStudyCallback(Callback):
             rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
             self._link("set_trial_attrs", trial.trial_id, {"checkpoint_uri": rec["checkpoint_uri"]})
 
-    def _checkpoint_uri(self, rec: dict[str, Any], epoch: int) -> str:
-        return f"{rec['artifact_uri'].rstrip('/')}/checkpoints/epoch_{epoch:03d}"
-
     def _uploaded(self, rec: dict[str, Any], epoch: int) -> None:
         if epoch not in rec["uploaded"]:
             rec["uploaded"].append(epoch)
         if epoch == rec["best_epoch"] and rec["artifact_uri"]:
             rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
             self._link("set_trial_attrs", rec["trial_id"], {"checkpoint_uri": rec["checkpoint_uri"]})
-
-    def _spool(self, rec: dict[str, Any], epoch: int, files: list[str]) -> str:
-        """Copies (hard links where possible) of a checkpoint's files, kept until MLflow takes them:
-        Tune deletes all but its last checkpoints meanwhile."""
-        if self.spool_dir is None:
-            self.spool_dir = tempfile.mkdtemp(prefix="bonn-mlflow-spool-")
-        d = os.path.join(self.spool_dir, rec["trial_id"], f"epoch_{epoch:03d}")
-        os.makedirs(d, exist_ok=True)
-        for f in files:
-            _link_or_copy(f, os.path.join(d, os.path.basename(f)))
-        return d
-
-    def _upload(self, run_id: str, files: list[str], artifact_path: str) -> bool:
-        if len(files) == 1:
-            return self._call("log_artifact", self.client.log_artifact, run_id, files[0], artifact_path)[0]
-        with tempfile.TemporaryDirectory(prefix="bonn-ckpt-") as tmp:
-            for f in files:
-                _link_or_copy(f, os.path.join(tmp, os.path.basename(f)))
-            return self._call("log_artifacts", self.client.log_artifacts, run_id, tmp, artifact_path)[0]
-
-    def _upload_dir(self, run_id: str, d: str, artifact_path: str, plots: list[str]) -> bool:
-        files = sorted(os.path.join(d, f) for f in os.listdir(d))
-        ok = self._upload(run_id, files, artifact_path)
-        if ok and plots:
-            self._upload(run_id, [os.path.join(d, p) for p in plots if os.path.exists(os.path.join(d, p))], "plots")
-        return ok
 
     @_timed
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
@@ -712,7 +390,7 @@ class MLflowStudyCallback(Callback):
     @_timed
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
         rec = self._record(trial)
-        err = _error_text(trial)
+        err = trial_error_text(trial)
         if err:
             self._queue(rec, {"op": "tags", "tags": {"error": err[-MAX_TAG_LEN:],
                                                      "error_reason": error_reason(err)[:MAX_TAG_LEN]}})
@@ -785,110 +463,3 @@ class MLflowStudyCallback(Callback):
     def study_summary(self) -> dict[str, Any]:
         return dict(self._study)
 
-
-def inference_model(model):
-    """The model as the Model Registry serves it: ``forward(x) -> logits``.
-
-    trainables' classifiers return ``(features, logits)`` (the feature loss needs the features); a
-    registered model should answer with logits only, for ``mlflow.pytorch`` and ``mlflow.pyfunc`` alike.
-    """
-    import torch
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            out = self.net(x)
-            return out[-1] if isinstance(out, (tuple, list)) else out
-
-    LogitsOnly.__qualname__ = LogitsOnly.__name__ = "BonnSweepLogitsOnly"
-    return LogitsOnly(model).eval()
-
-
-def _permanent(exc: Exception) -> bool:
-    """An MLflow error that a retry cannot fix (bad request, missing resource)."""
-    code = getattr(exc, "error_code", None)
-    return code in {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
-                    "INVALID_STATE", "BAD_REQUEST"}
-
-
-#: what MLflow's REST client says when the server cannot be reached (after its own HTTP retries)
-_UNREACHABLE_TEXT = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
-                     "Connection aborted", "Connection reset", "RemoteDisconnected", "timed out")
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """The server did not answer (down, restarting, unreachable), as opposed to refusing a request."""
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        try:
-            import requests
-
-            if isinstance(e, (requests.ConnectionError, requests.Timeout)):
-                return True
-        except ImportError:  # pragma: no cover
-            pass
-        e = e.__cause__ or e.__context__
-    text = str(exc)
-    return any(t in text for t in _UNREACHABLE_TEXT)
-
-
-def _reachable(tracking_uri: str, timeout_s: float = 2.0) -> bool:
-    """A cheap probe: does the MLflow server answer its ``/health``? (non-HTTP stores: always)"""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return True
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s) as r:  # noqa: S310
-            return r.status == 200
-    except Exception:  # noqa: BLE001 - refused, timeout, 5xx
-        return False
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def error_reason(text: str, limit: int = 500) -> str:
-    """One line that says why a trial failed: the last exception line of its error text (Tune's
-    ``error.txt`` holds one traceback per failure), e.g. ``TrainingDiverged: non-finite training loss
-    in epoch 1: ...`` (module paths dropped)."""
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ln.startswith(("File ", "Traceback", "Failure #", "^", "~")):
-            continue
-        head, sep, rest = ln.partition(":")
-        if sep and head and " " not in head and (head[0].isalpha() or head[0] == "_"):
-            ln = f"{head.rsplit('.', 1)[-1]}:{rest}"
-        return ln if len(ln) <= limit else ln[: limit - 3] + "..."
-    return ""
-
-
-def trial_error_reason(trial) -> str:
-    """Why a Tune trial errored, in one line (:func:`error_reason` of its error file)."""
-    return error_reason(_error_text(trial))
-
-
-def _error_text(trial) -> str:
-    path = None
-    try:
-        path = trial.error_file
-    except Exception:  # noqa: BLE001
-        pass
-    if path and os.path.exists(path):
-        try:
-            with open(path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            pass
-    return str(getattr(trial, "error_msg", "") or "")
