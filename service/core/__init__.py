@@ -1,3 +1,5 @@
-"""What every program of bonn-sweep shares: the StudySpec, the study store, settings, data paths, API keys,
-and the Ray Jobs client (over HTTP; no ``import ray``). Imports nothing from ``service.api``,
-``service.sweep`` or ``service.launch``."""
+"""What every program of bonn-sweep shares: the StudySpec (``spec``), the job payload the API hands the
+driver (``payload``), the study store (``store``), settings, data paths, API keys (``auth``), the Ray Jobs
+client over HTTP (``jobs``; no ``import ray``), the MLflow parent run's one owner (``parent_run``) and the
+one MLflow call policy (``mlflow_calls``). Imports nothing from ``service.api``, ``service.sweep`` or
+``service.launch``."""

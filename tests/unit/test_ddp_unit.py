@@ -172,13 +172,17 @@ def _spec(**resources):
 
 
 def test_trial_bundles_one_per_worker_with_custom_resources():
-    from service.sweep.driver import plan_from_spec, trial_bundles
+    from service.core.payload import JobPayload
+    from service.sweep.tuner import trial_bundles
 
-    plan = plan_from_spec(_spec(cpus_per_trial=2, gpus_per_trial=1, data_parallel_workers=3,
-                                custom={"bonn_worker": 1}).model_dump(mode="json"))
+    def payload(spec):
+        return JobPayload(study_id="s", spec=spec.model_dump(mode="json"), mlflow_tracking_uri="m",
+                          optuna_storage="o", tune_storage="t")
+
+    plan = payload(_spec(cpus_per_trial=2, gpus_per_trial=1, data_parallel_workers=3, custom={"bonn_worker": 1}))
     assert plan.custom_resources == {"bonn_worker": 1.0}
     assert trial_bundles(plan) == [{"CPU": 2.0, "GPU": 1.0, "bonn_worker": 1.0}] * 3
-    single = plan_from_spec(_spec().model_dump(mode="json"))
+    single = payload(_spec())
     assert trial_bundles(single) == [{"CPU": 1.0, "GPU": 0.0}]
 
 
