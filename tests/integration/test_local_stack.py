@@ -30,6 +30,7 @@ TINY = {
 }
 
 
+@pytest.mark.postgres
 def test_healthz_all_components_up(api: httpx.Client) -> None:
     r = api.get("/healthz")
     assert r.status_code == 200, r.text
@@ -59,6 +60,7 @@ def test_ports_are_bound_to_loopback_only(stack: Stack) -> None:
             assert s.connect_ex((ip, port)) != 0, f"port {port} answers on {ip}"
 
 
+@pytest.mark.postgres
 def test_errors_through_real_server(api: httpx.Client) -> None:
     r = api.post("/studies", json={**TINY, "budget": {"num_trials": 0}})
     assert r.status_code == 422
@@ -80,6 +82,7 @@ def test_api_never_connects_a_ray_driver(stack: Stack, api: httpx.Client) -> Non
     assert drivers == []
 
 
+@pytest.mark.postgres
 def test_study_reaches_a_terminal_state_and_cancel_409(api: httpx.Client, stack: Stack) -> None:
     t0 = time.monotonic()
     r = api.post("/studies", json=TINY)
@@ -98,6 +101,7 @@ def test_study_reaches_a_terminal_state_and_cancel_409(api: httpx.Client, stack:
     assert done["status"] in r.json()["detail"][0]["msg"]
 
 
+@pytest.mark.postgres
 def test_reconcile_after_api_restart(stack: Stack, api: httpx.Client) -> None:
     """A study that ends while the API is down is reconciled when the API comes back."""
     body = api.post("/studies", json={**TINY, "name": "restart"}).json()
