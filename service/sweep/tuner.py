@@ -42,16 +42,19 @@ def connect_ray(echo: Callable[[str], None]) -> None:
 
 
 def make_storage(url: str):
-    """The Optuna RDB storage of the study."""
+    """The Optuna RDB storage of the study; on a server database its calls ride out a restart
+    (service/sweep/db_retry.py)."""
     import optuna
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # the API reads the same file while the driver writes: wait for locks instead of failing
         engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    from service.sweep.db_retry import RetryingRDBStorage
+
+    engine_kwargs["pool_pre_ping"] = True
+    return RetryingRDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 def make_scheduler(p: JobPayload):

@@ -62,12 +62,12 @@ class _Stacks:
         self.tmp = tmp_path_factory
         self.running: dict[str, tuple[Path, Stack, Any, str | None]] = {}
 
-    def get(self, db: str) -> Stack:
+    def get(self, db: str, db_url: str | None = None) -> Stack:
+        """The stack on ``db`` (``sqlite``, ``postgres``, or any name with its own ``db_url``)."""
         if db in self.running:
             return self.running[db][1]
         for other in list(self.running):
             self.stop(other)
-        db_url = None
         if db == "postgres":
             why = pg_available()
             if why:
