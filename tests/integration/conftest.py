@@ -10,7 +10,7 @@ watchdog process stops it if pytest itself is killed. Set ``BONN_SWEEP_TEST_STAC
 previous run) in that home: it is then started if needed and left running.
 
 ``stack_db`` picks where the stack keeps its three stores: every test runs on SQLite, and tests marked
-``@pytest.mark.postgres`` run on PostgreSQL too (databases of their own on ``PG_SERVER``, made by
+``@pytest.mark.postgres`` run on PostgreSQL too (``postgres(only=True)``: only there; databases of their own on ``PG_SERVER``, made by
 ``bonn-sweep up --db`` -- ``start_stack(db_url=...)`` -- and dropped at the end). One stack runs at a
 time; pytest groups the tests by database, so each is started about once.
 """
@@ -32,6 +32,7 @@ from service.launch.stack import start_stack, stop_stack
 from service.launch.stack_record import Stack
 from service.launch.watchdog import spawn_watchdog
 from tests.conftest import PG_SERVER, pg_available, unique_db_name, wait_until
+from tests.integration.pg_proxy import TcpProxy
 
 
 #: the databases a test stack can keep its three stores in (``stack_db``)
@@ -43,7 +44,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     well (``[sqlite]`` / ``[postgres]``): one fixture-level switch, no copied tests."""
     if "stack_db" not in metafunc.fixturenames:
         return
-    dbs = list(STACK_DBS) if metafunc.definition.get_closest_marker("postgres") else ["sqlite"]
+    mark = metafunc.definition.get_closest_marker("postgres")
+    dbs = ["sqlite"] if mark is None else ["postgres"] if mark.kwargs.get("only") else list(STACK_DBS)
     metafunc.parametrize("stack_db", dbs, indirect=True, scope="session")
 
 
@@ -56,11 +58,14 @@ def stack_db(request: pytest.FixtureRequest) -> str:
 
 class _Stacks:
     """The test stacks of this session, at most one running at a time (2 cores): asking for the other
-    database stops the running one first (and drops its PostgreSQL databases)."""
+    database stops the running one first (and drops its PostgreSQL databases). The ``postgres`` stack
+    reaches the server through :attr:`proxy`, a TCP proxy the session owns, so a test can "restart
+    the database" (``proxy.stop()`` / ``start()``) without touching the shared server."""
 
     def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
         self.tmp = tmp_path_factory
         self.running: dict[str, tuple[Path, Stack, Any, str | None]] = {}
+        self.proxy: TcpProxy | None = None
 
     def get(self, db: str, db_url: str | None = None) -> Stack:
         """The stack on ``db`` (``sqlite``, ``postgres``, or any name with its own ``db_url``)."""
@@ -72,7 +77,13 @@ class _Stacks:
             why = pg_available()
             if why:
                 pytest.skip(f"PostgreSQL not reachable: {why}")
-            db_url = f"{PG_SERVER}/{unique_db_name('bonn_it')}"
+            from sqlalchemy.engine import make_url
+
+            upstream = make_url(f"{PG_SERVER}/postgres")
+            if self.proxy is None:
+                self.proxy = TcpProxy((upstream.host or "127.0.0.1", upstream.port or 5432)).start()
+            db_url = upstream.set(port=self.proxy.port, database=unique_db_name("bonn_it")).render_as_string(
+                hide_password=False)
         home = self.tmp.mktemp(f"stack-{db}") / "home"
         watchdog = spawn_watchdog(home)
         t0 = time.monotonic()
@@ -99,12 +110,17 @@ class _Stacks:
             if db_url:
                 from service.core.db import derive_urls, drop_databases
 
+                if self.proxy is not None and self.proxy._listener is None:
+                    self.proxy.start()  # a test left "the database" down
+
                 with contextlib.suppress(Exception):
                     drop_databases(derive_urls(db_url))
 
     def stop_all(self) -> None:
         for db in list(self.running):
             self.stop(db)
+        if self.proxy is not None:
+            self.proxy.stop()
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,6 @@ def all_artifacts(client: Any, run_id: str, path: str | None = None) -> list[str
     return out
 
 
-@pytest.mark.postgres
 def test_digits_study_succeeds_and_sources_agree(stack: Stack, api: httpx.Client) -> None:
     t0 = time.monotonic()
     r = api.post("/studies", json=STUDY)

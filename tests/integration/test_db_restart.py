@@ -1,8 +1,8 @@
 """The database restarted mid-sweep, on PostgreSQL: nothing lost or duplicated.
 
-The test owns a TCP proxy (tests/integration/pg_proxy.py) in front of the shared PostgreSQL server
-and starts a stack whose three stores (study store, Optuna, MLflow's backend) go through it
-(``start_stack(db_url=...)`` = ``bonn-sweep up --db``). Once the first trial has reported, the proxy
+The session's ``postgres`` stack (``start_stack(db_url=...)`` = ``bonn-sweep up --db``) reaches the
+shared PostgreSQL server through a TCP proxy the tests own (tests/integration/pg_proxy.py,
+``_stacks.proxy``): its three stores (study store, Optuna, MLflow's backend) go through it. Once the first trial has reported, the proxy
 drops every connection and refuses new ones for 15 s -- what every client sees while the server
 restarts -- then listens again. The shared server itself is never stopped. The sweep pauses
 (Optuna's storage calls retry: service/sweep/db_retry.py; MLflow logging goes to the driver's
@@ -17,26 +17,18 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import PG_SERVER, pg_available, unique_db_name, wait_until
-from tests.integration.pg_proxy import TcpProxy
+from tests.conftest import wait_until
 from tests.integration.test_faults import api_trials, post, study_spec, succeeded
 
-pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.postgres(only=True)]
 
 OUTAGE_S = 15.0
 
 
-def test_database_restarted_mid_sweep_loses_and_duplicates_nothing(_stacks) -> None:  # noqa: ANN001
-    why = pg_available()
-    if why:
-        pytest.skip(f"PostgreSQL not reachable: {why}")
-    from sqlalchemy.engine import make_url
-
-    upstream = make_url(f"{PG_SERVER}/postgres")
-    proxy = TcpProxy((upstream.host or "127.0.0.1", upstream.port or 5432)).start()
-    db_url = upstream.set(port=proxy.port, database=unique_db_name("bonn_restart")).render_as_string(hide_password=False)
+def test_database_restarted_mid_sweep_loses_and_duplicates_nothing(stack, _stacks) -> None:  # noqa: ANN001
+    proxy = _stacks.proxy
+    assert proxy is not None, "the postgres stack runs behind the session's proxy"
     try:
-        stack = _stacks.get("postgres-proxy", db_url=db_url)
         n, epochs = 2, 8
         with httpx.Client(base_url=stack.api_url or "", timeout=60,
                           headers={"Authorization": f"Bearer {stack.api_key}"}) as api:
@@ -58,5 +50,3 @@ def test_database_restarted_mid_sweep_loses_and_duplicates_nothing(_stacks) -> N
     finally:
         if proxy._listener is None:
             proxy.start()
-        _stacks.stop("postgres-proxy") if "postgres-proxy" in _stacks.running else None
-        proxy.stop()

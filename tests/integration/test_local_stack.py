@@ -82,7 +82,6 @@ def test_api_never_connects_a_ray_driver(stack: Stack, api: httpx.Client) -> Non
     assert drivers == []
 
 
-@pytest.mark.postgres
 def test_study_reaches_a_terminal_state_and_cancel_409(api: httpx.Client, stack: Stack) -> None:
     t0 = time.monotonic()
     r = api.post("/studies", json=TINY)
@@ -101,7 +100,6 @@ def test_study_reaches_a_terminal_state_and_cancel_409(api: httpx.Client, stack:
     assert done["status"] in r.json()["detail"][0]["msg"]
 
 
-@pytest.mark.postgres
 def test_reconcile_after_api_restart(stack: Stack, api: httpx.Client) -> None:
     """A study that ends while the API is down is reconciled when the API comes back."""
     body = api.post("/studies", json={**TINY, "name": "restart"}).json()
