@@ -70,7 +70,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if existing is None or not all(existing.alive().values()):
             console.print(f"starting the embedded stack in {home} ...")
         try:
-            stack = start_stack(home, prefer_default_ports=True, log=say_dim)
+            stack = start_stack(home, prefer_default_ports=True, log=say_dim,
+                                db_url=os.environ.get("BONN_SWEEP_DB_URL") or None)
         except StackError as exc:
             raise CliError(f"bonn-sweep up failed: {exc}") from None
         url = stack.api_url
