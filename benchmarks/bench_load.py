@@ -3,6 +3,13 @@ Idempotency-Key; p50/p99 latency per request kind, and a check that no study was
 
     .venv/bin/python benchmarks/bench_load.py                       # starts its own stack in a temp home
     .venv/bin/python benchmarks/bench_load.py --api URL --api-key K # against a running stack (creates studies!)
+    .venv/bin/python benchmarks/bench_load.py --db postgresql://postgres@127.0.0.1:5432/bench  # stores on Postgres
+    .venv/bin/python benchmarks/bench_load.py --shared-rate-limit   # every request takes a token in the store
+
+``--db`` starts the stack on that PostgreSQL server (``bonn-sweep up --db``: databases <prefix>_studies,
+_optuna, _mlflow, dropped at the end). ``--shared-rate-limit`` keeps the rate limit on but too high to
+refuse anything, so every request pays for its token upsert in the store (the default of a real
+deployment); without it the limit is off, as before.
 
 Its own stack (``service.launch.stack.start_stack`` in a temporary home, stopped by pid at the end) runs with
 ``BONN_SWEEP_DRIVER_NUM_CPUS=1000``: every study's Ray job asks for more CPUs than the cluster has, so
@@ -215,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="sends per Idempotency-Key")
     p.add_argument("--post-concurrency", type=int, default=16)
     p.add_argument("--keep", action="store_true", help="do not cancel the studies at the end")
+    p.add_argument("--db", default=None, help="postgresql:// URL: the stack's three stores on that server")
+    p.add_argument("--shared-rate-limit", action="store_true",
+                   help="rate limit on (1e6/s): each request takes a token from the store's bucket")
     args = p.parse_args(argv)
 
     stack = home = None
@@ -224,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
         home = Path(tempfile.mkdtemp(prefix="bench-load-")) / "home"
         t0 = time.monotonic()
-        stack = start_stack(home, num_cpus=2, with_api=True, extra_env={
+        stack = start_stack(home, num_cpus=2, with_api=True, db_url=args.db, extra_env={
             "BONN_SWEEP_DRIVER_NUM_CPUS": "1000",  # every job stays queued in Ray: no trial runs
-            "BONN_SWEEP_API_RATE_LIMIT_PER_S": "0",
+            "BONN_SWEEP_API_RATE_LIMIT_PER_S": "1000000" if args.shared_rate_limit else "0",
+            "BONN_SWEEP_API_RATE_LIMIT_BURST": "1000000",
             "BONN_SWEEP_MAX_ACTIVE_STUDIES": "100000",
         })
         url, key = stack.api_url, stack.api_key
@@ -245,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
 
             stopped = stop_stack(home, remove_temp=True, quiet=True)
             print(f"\nstopped: {', '.join(stopped)}")
+            if args.db and not args.keep:
+                from service.core.db import derive_urls, drop_databases
+
+                drop_databases(derive_urls(args.db))
             if not args.keep:
                 import shutil
 

@@ -46,3 +46,53 @@ def wait_until(pred: Callable[[], Any], timeout: float = 30.0, interval: float =
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     return get_free_port
+
+
+# -- PostgreSQL (127.0.0.1:5432 on the project's machines and in CI; override with BONN_SWEEP_TEST_PG) ----
+
+PG_SERVER = os.environ.get("BONN_SWEEP_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+
+
+def pg_available() -> str | None:
+    """None when the test PostgreSQL server answers, else why not (tests that need it skip with it)."""
+    from service.core.db import DatabaseUnavailable, check_reachable
+
+    try:
+        check_reachable(f"{PG_SERVER}/postgres", timeout_s=3)
+        return None
+    except DatabaseUnavailable as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. no driver installed
+        return f"{type(exc).__name__}: {exc}"
+
+
+def unique_db_name(prefix: str = "bonn_test") -> str:
+    """A database name no other test run uses (pid + random)."""
+    import secrets
+
+    return f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def pg_url() -> Any:
+    """A fresh, empty PostgreSQL database of its own (SQLAlchemy URL), dropped afterwards."""
+    from service.core.db import drop_databases, ensure_databases
+
+    why = pg_available()
+    if why:
+        pytest.skip(f"PostgreSQL not reachable: {why}")
+    url = f"{PG_SERVER}/{unique_db_name()}"
+    ensure_databases([url])
+    try:
+        yield url
+    finally:
+        drop_databases([url])
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    """A fresh study-store URL: a SQLite file, then a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.db"
+    else:
+        yield request.getfixturevalue("pg_url")

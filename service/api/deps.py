@@ -42,9 +42,11 @@ TrialsDep = Annotated[OptunaReader, Depends(get_trials)]
 
 
 def get_study_service(
-    settings: SettingsDep, store: StoreDep, jobs: JobsDep, tracking: TrackingDep, trials: TrialsDep
+    request: Request, settings: SettingsDep, store: StoreDep, jobs: JobsDep, tracking: TrackingDep, trials: TrialsDep
 ) -> StudyService:
-    return StudyService(settings, store, jobs, tracking, trials)
+    service = StudyService(settings, store, jobs, tracking, trials)
+    service.for_key(getattr(request.state, "api_key_id", None), getattr(request.state, "api_key_static", False))
+    return service
 
 
 StudyServiceDep = Annotated[StudyService, Depends(get_study_service)]

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.backends import TrackingError
@@ -124,6 +125,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TrackingError)
     async def _mlflow_down(_req: Request, exc: TrackingError) -> JSONResponse:
         return _json(503, error_body(["mlflow"], str(exc), "mlflow_unavailable"), {"Retry-After": "5"})
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _db_down(_req: Request, exc: Exception) -> JSONResponse:
+        log.warning("the study store is not reachable: %s", type(exc).__name__)
+        return _json(503, error_body(["store"], "the study store's database is not reachable (restarting?); "
+                                     "retry in a few seconds", "database_unavailable"), {"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:

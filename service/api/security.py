@@ -9,7 +9,10 @@ Order, before any route code runs or any body byte is read:
    open read is checked too (a wrong key is a 403, so a client learns early that its key is bad).
 2. **Rate limit.** A token bucket per key id (anonymous reads: per client address):
    ``api_rate_limit_per_s`` tokens per second, ``api_rate_limit_burst`` at most. Empty: 429 with
-   ``Retry-After`` (whole seconds until a token is back).
+   ``Retry-After`` (whole seconds until a token is back). The buckets live in the study store
+   (:class:`SharedBucket`, one upsert per request), so API replicas sharing a database share the
+   limit; while the database cannot be reached, or with ``api_rate_limit_shared=false``, each process
+   keeps its own (:class:`TokenBucket`).
 3. **Body size.** ``Content-Length`` above ``api_max_body_bytes``: 413 at once; a body without one
    (chunked) is read up to the limit, then 413.
 
@@ -50,7 +53,7 @@ def requires_key(method: str, path: str, settings: Settings) -> bool:
     """Whether a request needs a valid key (the rule the middleware enforces and the schema shows)."""
     if path in OPEN_PATHS:
         return False
-    return method.upper() not in SAFE_METHODS or settings.api_auth_reads
+    return method.upper() not in SAFE_METHODS or settings.api_auth_reads or settings.api_reads_own_studies
 
 
 class TokenBucket:
@@ -83,6 +86,33 @@ class TokenBucket:
             return wait
 
 
+class SharedBucket:
+    """The token buckets in the study store (``rate_buckets``, :meth:`StudyStore.take_token`), shared by
+    every API process on that database. Blocking: call it from a worker thread. When the store cannot
+    be reached the process's own :class:`TokenBucket` answers (the limit then holds per process) and a
+    warning says so, at most once a minute."""
+
+    def __init__(self, rate: float, burst: int, store_getter: Callable[[], Any]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.store_getter = store_getter
+        self.local = TokenBucket(rate, burst)
+        self._warned = -math.inf
+
+    def take(self, name: str) -> float:
+        store = self.store_getter()
+        if self.rate <= 0 or store is None:
+            return self.local.take(name)
+        try:
+            return store.take_token(name, self.rate, self.burst, time.time())
+        except Exception as exc:  # noqa: BLE001 - the database restarting: keep answering, limit per process
+            if time.monotonic() - self._warned > 60:
+                self._warned = time.monotonic()
+                log.warning("rate limit: the study store is not reachable (%s); limiting per process meanwhile",
+                            type(exc).__name__)
+            return self.local.take(name)
+
+
 class KeyProvider:
     """The accepted keys: the store's ``api_keys`` table (cached ``api_key_cache_s``: a revoked key
     works that much longer) plus the entries of ``api_keys`` / ``api_keys_file`` (read once). An
@@ -112,6 +142,10 @@ class KeyProvider:
         if store is not None:
             entries += [KeyEntry(r.id, r.sha256, r.name) for r in store.list_api_keys(include_revoked=False)]
         return KeyRing(entries)
+
+    def is_static(self, key_id: str) -> bool:
+        """A key of ``api_keys`` / ``api_keys_file`` (the operator's), not of the store's table."""
+        return any(e.key_id == key_id for e in self._static)
 
     def cached(self) -> KeyRing | None:
         """The cached ring while it is fresh (no I/O: callable on the event loop), else None."""
@@ -165,6 +199,8 @@ class SecurityMiddleware:
         self.settings = settings
         self.keys = keys
         self.bucket = TokenBucket(settings.api_rate_limit_per_s, settings.api_rate_limit_burst)
+        self.shared = (SharedBucket(settings.api_rate_limit_per_s, settings.api_rate_limit_burst, keys.store_getter)
+                       if settings.api_rate_limit_shared and settings.api_rate_limit_per_s > 0 else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -196,6 +232,7 @@ class SecurityMiddleware:
                 return
             principal = entry.key_id
             scope.setdefault("state", {})["api_key_id"] = principal
+            scope["state"]["api_key_static"] = self.keys.is_static(principal)
         elif requires_key(method, path, self.settings):
             what = "this request" if method in SAFE_METHODS else f"{method} requests"
             await _error(
@@ -209,7 +246,10 @@ class SecurityMiddleware:
         # 2. rate limit
         client = scope.get("client")
         name = f"key:{principal}" if principal else f"ip:{client[0] if client else '?'}"
-        wait = self.bucket.take(name)
+        if self.shared is not None:
+            wait = await anyio.to_thread.run_sync(self.shared.take, name)
+        else:
+            wait = self.bucket.take(name)
         if wait > 0:
             rate = self.settings.api_rate_limit_per_s
             await _error(

@@ -24,7 +24,15 @@ from service.core.paths import PathNotAllowed, check_spec_paths
 from service.core.payload import PAYLOAD_ENV, JobPayload
 from service.core.settings import Settings
 from service.core.spec import StudySpec
-from service.core.store import ActiveLimitReached, IdempotencyConflict, Study, StudyStatus, StudyStore, utcnow
+from service.core.store import (
+    ActiveLimitReached,
+    IdempotencyConflict,
+    Study,
+    StudyNotFound,
+    StudyStatus,
+    StudyStore,
+    utcnow,
+)
 
 log = logging.getLogger("service.api")
 
@@ -92,6 +100,14 @@ class StudyService:
         self.jobs = jobs
         self.tracking = tracking
         self.trials = trials
+        self.owner: str | None = None  # the API key of the request: recorded on the studies it creates
+        self.only_own: str | None = None  # reads limited to this key's studies (api_reads_own_studies)
+
+    def for_key(self, key_id: str | None, static: bool = False) -> None:
+        """The request's key: new studies record it; with ``api_reads_own_studies`` a store key reads,
+        cancels and resumes only its own studies (an operator key of ``api_keys`` sees every study)."""
+        self.owner = key_id
+        self.only_own = key_id if key_id and self.settings.api_reads_own_studies and not static else None
 
     # -- limits -----------------------------------------------------------------------------------
     def check_trials(self, n: int, loc: list[Any]) -> None:
@@ -120,7 +136,7 @@ class StudyService:
         if idempotency_key:
             existing = self.store.get_by_idempotency_key(idempotency_key)
             if existing is not None:
-                if existing.request_hash != h:
+                if existing.request_hash != h or (self.only_own is not None and existing.api_key_id != self.only_own):
                     raise IdempotencyConflict(idempotency_key)
                 return existing, False
         self.check_trials(spec.budget.num_trials, ["body", "budget", "num_trials"])
@@ -133,6 +149,7 @@ class StudyService:
                 idempotency_key=idempotency_key,
                 request_hash=h,
                 max_active=self.settings.max_active_studies,
+                api_key_id=self.owner,
             )
         except ActiveLimitReached as exc:
             raise too_many_active(exc) from None
@@ -201,10 +218,13 @@ class StudyService:
     # -- read -------------------------------------------------------------------------------------
     def get(self, study_id: str, *, reconcile: bool = True) -> Study:
         row = self.store.get(study_id)
+        if self.only_own is not None and row.api_key_id != self.only_own:
+            raise StudyNotFound(study_id)  # another key's study: as if it did not exist
         return self.reconcile(row) if reconcile else row
 
     def list(self, *, status: StudyStatus | None, limit: int, offset: int) -> tuple[list[Study], int]:
-        rows, total = self.store.list(status=status.value if status else None, limit=limit, offset=offset)
+        rows, total = self.store.list(status=status.value if status else None, limit=limit, offset=offset,
+                                      api_key_id=self.only_own)
         rows = [self.reconcile(r) for r in rows]
         if status:  # reconcile may have moved a row out of the filter
             rows = [r for r in rows if r.status == status.value]

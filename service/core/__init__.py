@@ -1,5 +1,6 @@
 """What every program of bonn-sweep shares: the StudySpec (``spec``), the job payload the API hands the
-driver (``payload``), the study store (``store``), settings, data paths, API keys (``auth``), the Ray Jobs
+driver (``payload``), the study store (``store``, its Alembic ``migrations``), database URLs and one
+PostgreSQL server for the three stores (``db``), settings, data paths, API keys (``auth``), the Ray Jobs
 client over HTTP (``jobs``; no ``import ray``), the MLflow parent run's one owner (``parent_run``) and the
 one MLflow call policy (``mlflow_calls``). Imports nothing from ``service.api``, ``service.sweep`` or
 ``service.launch``."""

@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BONN_SWEEP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="BONN_SWEEP_", extra="ignore", hide_input_in_errors=True)
 
     home: Path = Field(Path(".bonn-sweep"), description="state folder of the embedded default")
 
@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     mlflow_ui_url: str | None = Field(None, description="browser URL of MLflow (default: the tracking URI)")
     mlflow_artifacts_dir: Path | None = None
+    db_url: str | None = Field(
+        None,
+        description="one PostgreSQL server for the study store, Optuna and MLflow "
+                    "(postgresql://user[:password]@host[:port][/prefix]; databases <prefix>_studies, "
+                    "<prefix>_optuna, <prefix>_mlflow; service/core/db.py); store_url / optuna_storage "
+                    "set explicitly win",
+    )
+    mlflow_backend_uri: str | None = Field(None, description="backend store of the embedded MLflow server")
 
     # Ray
     ray_dashboard_url: str = "http://127.0.0.1:8265"
@@ -73,6 +81,16 @@ class Settings(BaseSettings):
         50.0, ge=0, description="requests per second per key (anonymous reads: per client address); 0 = off"
     )
     api_rate_limit_burst: int = Field(100, ge=1, description="token-bucket size of the rate limit")
+    api_rate_limit_shared: bool = Field(
+        True,
+        description="keep the rate-limit buckets in the study store, so every API process sharing it counts "
+                    "together (false: per process)",
+    )
+    api_reads_own_studies: bool = Field(
+        False,
+        description="with api_auth_reads: a key lists and reads only the studies it created (404 for others; "
+                    "keys from api_keys / api_keys_file see every study)",
+    )
     api_max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body accepted (413 above)")
 
     # limits
@@ -100,6 +118,15 @@ class Settings(BaseSettings):
     def _derive(self) -> Settings:
         home = self.home.expanduser().absolute()
         self.home = home
+        if self.db_url:  # a bad URL is a validation error naming db_url (service/core/db.py says why)
+            from service.core.db import derive_urls
+
+            urls = derive_urls(self.db_url)
+            self.store_url = self.store_url or urls.store
+            self.optuna_storage = self.optuna_storage or urls.optuna
+            self.mlflow_backend_uri = self.mlflow_backend_uri or urls.mlflow
+        if self.mlflow_backend_uri is None:
+            self.mlflow_backend_uri = f"sqlite:///{home}/mlflow.db"
         if self.store_url is None:
             self.store_url = f"sqlite:///{home}/studies.db"
         if self.optuna_storage is None:

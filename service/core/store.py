@@ -2,7 +2,13 @@
 
 The row is the API's own record of a study: its spec, status, the Ray submission it runs as, and
 the MLflow experiment / parent run it logs to. Trials live in Optuna's storage and MLflow, never here.
-SQLite in the embedded default, Postgres in the compose deployment (same code).
+SQLite in the embedded default, Postgres in the compose deployment (same code). The schema is made and
+upgraded by Alembic (service/core/migrations, :meth:`StudyStore.migrate`).
+
+Limits that hold across API processes sharing the database: the active-study count and the insert
+run under the ``store_locks`` row (an ``UPDATE`` first: a row lock on Postgres, SQLite's write lock),
+and the per-key rate limit is a token bucket per name in ``rate_buckets``, taken in one upsert
+(:meth:`StudyStore.take_token`). The unique ``idempotency_key`` makes a replay return the first study.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import json
 import secrets
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy import DateTime, Float, Integer, String, Text, case, create_engine, event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -79,6 +86,7 @@ class Study(Base):
 
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)  # who created it
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
@@ -133,6 +141,26 @@ def _fix_key_tz(target: ApiKey, _context: Any) -> None:
     target.revoked_at = _aware(target.revoked_at)
 
 
+class RateBucket(Base):
+    """A token bucket of the rate limit (service/api/security.py), shared by every API process."""
+
+    __tablename__ = "rate_buckets"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    updated_s: Mapped[float] = mapped_column(Float)
+    granted: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StoreLock(Base):
+    """Rows updated first in a transaction to serialise it across processes (``active_studies``)."""
+
+    __tablename__ = "store_locks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, default=0)
+
+
 ACTIVE_STATUSES = tuple(st.value for st in StudyStatus if st.is_active)
 
 
@@ -155,6 +183,11 @@ class IdempotencyConflict(Exception):
     """Same Idempotency-Key, different body."""
 
 
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK_KEY = 0x626F6E6E  # pg_advisory_xact_lock key of the store's migrations ("bonn")
+ACTIVE_LOCK = "active_studies"
+
+
 class StudyStore:
     def __init__(self, url: str) -> None:
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -171,10 +204,31 @@ class StudyStore:
                 cur.close()
 
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._lock = threading.Lock()  # SQLite has no SELECT ... FOR UPDATE: serialise in-process
+        self._lock = threading.Lock()  # in-process; across processes: the store_locks row
+        self._takes = 0
 
-    def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
+    def migrate(self) -> None:
+        """Create or upgrade the schema to the newest Alembic revision (service/core/migrations). A
+        database made before migrations existed (tables, no ``alembic_version``) is stamped ``0001``
+        first. Concurrent callers on Postgres wait on an advisory lock; on SQLite on the write lock."""
+        from alembic import command
+        from alembic.config import Config
+        from sqlalchemy import inspect
+
+        with self._lock, self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            elif conn.dialect.name == "sqlite":  # take SQLite's write lock before looking at the tables
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+            cfg.attributes["connection"] = conn
+            tables = set(inspect(conn).get_table_names())
+            if "studies" in tables and "alembic_version" not in tables:
+                command.stamp(cfg, "0001")
+            command.upgrade(cfg, "head")
+
+    create_all = migrate  # the name callers used before migrations
 
     def close(self) -> None:
         self.engine.dispose()
@@ -195,13 +249,19 @@ class StudyStore:
         with self._sessions() as s:
             return s.scalars(select(Study).where(Study.idempotency_key == key)).first()
 
-    def list(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Study], int]:
+    def list(
+        self, *, status: str | None = None, limit: int = 50, offset: int = 0, api_key_id: str | None = None
+    ) -> tuple[list[Study], int]:
+        """Newest first; ``api_key_id``: only the studies that key created."""
         with self._sessions() as s:
             q = select(Study)
             cq = select(func.count()).select_from(Study)
             if status:
                 q = q.where(Study.status == status)
                 cq = cq.where(Study.status == status)
+            if api_key_id is not None:
+                q = q.where(Study.api_key_id == api_key_id)
+                cq = cq.where(Study.api_key_id == api_key_id)
             total = s.scalar(cq) or 0
             rows = s.scalars(q.order_by(Study.created_at.desc(), Study.id).limit(limit).offset(offset)).all()
             return list(rows), int(total)
@@ -217,11 +277,18 @@ class StudyStore:
 
     @staticmethod
     def _check_active(s: Any, max_active: int | None) -> None:
+        """Count the active studies. Callers first update the ``store_locks`` row (:meth:`_lock_active`):
+        that holds a row lock on Postgres and SQLite's write lock until their commit, so the count and
+        the insert or transition after it are one step for every API process sharing the database."""
         if max_active is None:
             return
         n = int(s.scalar(select(func.count()).select_from(Study).where(Study.status.in_(ACTIVE_STATUSES))) or 0)
         if n >= max_active:
             raise ActiveLimitReached(n, max_active)
+
+    @staticmethod
+    def _lock_active(s: Any) -> None:
+        s.execute(update(StoreLock).where(StoreLock.name == ACTIVE_LOCK).values(n=StoreLock.n + 1))
 
     # -- API keys (hashes only) ---------------------------------------------------------------------
     def add_api_key(self, key_id: str, sha256: str, name: str = "") -> ApiKey:
@@ -261,11 +328,13 @@ class StudyStore:
         request_hash: str | None = None,
         study_id: str | None = None,
         max_active: int | None = None,
+        api_key_id: str | None = None,
     ) -> tuple[Study, bool]:
         """Insert a PENDING study; returns ``(row, created)``. With an idempotency key already used:
         ``(existing row, False)`` if the request hash matches, :class:`IdempotencyConflict` otherwise.
         With ``max_active``: :class:`ActiveLimitReached` if that many studies are already active (count
-        and insert under one lock: the API is one process; see README "Security")."""
+        and insert under the ``store_locks`` row: one step across API processes). ``api_key_id``: the
+        key that created it."""
         row = Study(
             id=study_id or new_study_id(),
             name=name,
@@ -274,10 +343,13 @@ class StudyStore:
             num_trials=num_trials,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            api_key_id=api_key_id,
             created_at=utcnow(),
             updated_at=utcnow(),
         )
         with self._lock, self._sessions() as s:
+            if max_active is not None:  # the lock row first, then read (SQLite: no write after a read)
+                self._lock_active(s)
             if idempotency_key is not None:
                 existing = s.scalars(select(Study).where(Study.idempotency_key == idempotency_key)).first()
                 if existing is not None:
@@ -323,6 +395,8 @@ class StudyStore:
         Returns None when the row did not match. With ``max_active`` (a transition that makes the
         study active): :class:`ActiveLimitReached` if that many studies are active already."""
         with self._lock, self._sessions() as s:
+            if max_active is not None:
+                self._lock_active(s)
             row = s.get(Study, study_id, with_for_update=True)
             if row is None:
                 raise StudyNotFound(study_id)
@@ -334,3 +408,45 @@ class StudyStore:
             _apply(row, fields)
             s.commit()
             return row
+
+    # -- rate limit (shared by every API process) -------------------------------------------------------
+    def take_token(self, name: str, rate: float, burst: int, now: float) -> float:
+        """Take a token from bucket ``name`` (``rate`` tokens/s, at most ``burst``; ``now``: epoch
+        seconds): 0.0 if one was taken, else the seconds until one is back. One upsert statement, so
+        concurrent takes from several processes never hand out the same token."""
+        t = RateBucket.__table__
+        elapsed = case((t.c.updated_s < now, now - t.c.updated_s), else_=0.0)
+        refilled = t.c.tokens + elapsed * rate
+        full = case((refilled > float(burst), float(burst)), else_=refilled)
+        ins = (_pg_insert if self.engine.dialect.name == "postgresql" else _sqlite_insert)(t).values(
+            name=name, tokens=float(burst) - 1.0, updated_s=now, granted=1
+        )
+        stmt = ins.on_conflict_do_update(
+            index_elements=[t.c.name],
+            set_={
+                "tokens": case((full >= 1.0, full - 1.0), else_=full),
+                "granted": case((full >= 1.0, 1), else_=0),
+                "updated_s": case((t.c.updated_s < now, now), else_=t.c.updated_s),
+            },
+        ).returning(t.c.tokens, t.c.granted)
+        with self._sessions() as s:
+            tokens, granted = s.execute(stmt).one()
+            s.commit()
+        self._takes += 1
+        if self._takes % 1000 == 0:  # forget buckets idle long enough to be full again
+            with self._sessions() as s:
+                s.execute(RateBucket.__table__.delete().where(RateBucket.updated_s < now - burst / max(rate, 1e-9) - 60))
+                s.commit()
+        return 0.0 if granted else (1.0 - float(tokens)) / rate
+
+
+def _pg_insert(table: Any) -> Any:
+    from sqlalchemy.dialects.postgresql import insert
+
+    return insert(table)
+
+
+def _sqlite_insert(table: Any) -> Any:
+    from sqlalchemy.dialects.sqlite import insert
+
+    return insert(table)

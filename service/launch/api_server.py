@@ -15,12 +15,12 @@ from service.launch.processes import Proc, StackError, http_ok, spawn, stop_proc
 from service.launch.stack_record import REPO_ROOT, Stack, server_env
 
 
-def ensure_stack_key(home: Path, extra_env: dict[str, str] | None = None) -> str:
+def ensure_stack_key(home: Path, extra_env: dict[str, str] | None = None, db_url: str | None = None) -> str:
     """The local user's key for the stack in ``home`` (created if missing), in the store the API uses."""
     from service.core.auth import ensure_local_key
     from service.core.settings import Settings
 
-    url = (extra_env or {}).get("BONN_SWEEP_STORE_URL") or Settings(home=home).store_url or ""
+    url = (extra_env or {}).get("BONN_SWEEP_STORE_URL") or Settings(home=home, db_url=db_url).store_url or ""
     Settings(home=home, store_url=url).ensure_dirs()
     return ensure_local_key(home, url)
 

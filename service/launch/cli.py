@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start Ray head, MLflow server and the API on 127.0.0.1")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    up.add_argument("--db", default=None, metavar="URL",
+                    help="postgresql://user[:password]@host[:port][/prefix]: keep the study store, Optuna and "
+                         "MLflow on that server (default: BONN_SWEEP_DB_URL, else SQLite in the home folder)")
     up.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `up` started (by pid)").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="processes and URLs of the local stack").set_defaults(fn=cmd_status)

@@ -14,14 +14,32 @@ from service.launch.display import console, err_console
 
 
 def key_store(args: argparse.Namespace) -> Any:
-    """The study store of the command line's home (created if missing); close it after use."""
+    """The study store of the command line's home (created if missing); close it after use. A stack
+    started there with ``up --db`` keeps its store on that server: the keys go there too."""
+    from pydantic import ValidationError
+
+    from service.core.db import DatabaseUnavailable, check_reachable, redact
     from service.core.settings import Settings
     from service.core.store import StudyStore
+    from service.launch.stack_record import Stack
 
-    settings = Settings(home=home_of(args))
+    home = home_of(args)
+    stack = Stack.load(home)
+    try:
+        settings = Settings(home=home, **({"db_url": stack.db_url} if stack is not None and stack.db_url else {}))
+    except ValidationError as exc:
+        raise CliError(*(f"setting {'.'.join(map(str, e['loc'])) or 'db_url'}: {e['msg']}" for e in exc.errors())) from None
     settings.ensure_dirs()
+    try:
+        check_reachable(settings.store_url or "")
+    except DatabaseUnavailable as exc:
+        raise CliError(f"the study store is not reachable: {exc}") from None
     store = StudyStore(settings.store_url or "")
-    store.create_all()
+    try:
+        store.create_all()
+    except Exception as exc:  # noqa: BLE001 - e.g. the server went away just now
+        store.close()
+        raise CliError(f"the study store {redact(settings.store_url)} could not be opened: {exc}") from None
     return store
 
 

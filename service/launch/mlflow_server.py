@@ -1,5 +1,6 @@
 """The MLflow tracking server of the embedded stack: ``mlflow server`` on 127.0.0.1 with a SQLite
-backend (``{home}/mlflow.db``) and artifacts under ``{home}/mlartifacts``."""
+backend (``{home}/mlflow.db``; with ``--db``, the ``<prefix>_mlflow`` database on that PostgreSQL
+server) and artifacts under ``{home}/mlartifacts``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def spawn_mlflow(stack: Stack, env: dict[str, str]) -> subprocess.Popen:
     (home / "mlartifacts").mkdir(exist_ok=True)
     cmd = [
         executable("mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
+        "--backend-store-uri", stack.mlflow_backend_uri,
         "--artifacts-destination", str(home / "mlartifacts"),
         "--host", "127.0.0.1",
         "--port", str(stack.mlflow_port),

@@ -17,6 +17,11 @@ auth would otherwise write ``~/.ray/auth_token``, which then turns token auth on
 cluster and client of this user. The compose deployment documents how to run with a token
 (``BONN_SWEEP_RAY_AUTH_TOKEN``).
 
+``start_stack(home, db_url="postgresql://...")`` (``bonn-sweep up --db``) keeps the study store,
+Optuna and MLflow on that PostgreSQL server (three databases, created when missing: service/core/db.py);
+a bad URL or an unreachable server is a :class:`StackError` naming it (password hidden) before anything
+starts.
+
 The pieces: service/launch/processes.py (spawn, health waits, stopping by pid), ports.py,
 stack_record.py (``stack.json``), ray_cluster.py, mlflow_server.py, api_server.py, watchdog.py.
 """
@@ -31,10 +36,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from service.core.db import DatabaseUnavailable, DatabaseUrlError, derive_urls, ensure_databases, redact
 from service.launch.api_server import ensure_stack_key, start_api
 from service.launch.mlflow_server import mlflow_health_url, spawn_mlflow
 from service.launch.ports import PortPicker
-from service.launch.processes import http_ok, stop_proc, wait_healthy
+from service.launch.processes import StackError, http_ok, stop_proc, wait_healthy
 from service.launch.ray_cluster import WORKER_NODE_PREFIX, ray_jobs_ready, ray_temp_dir_for, spawn_ray_head
 from service.launch.stack_record import STACK_FILE, Stack, server_env
 
@@ -49,6 +55,7 @@ def start_stack(
     timeout_s: float = 120.0,
     log: Callable[[str], None] | None = None,
     extra_env: dict[str, str] | None = None,
+    db_url: str | None = None,
 ) -> Stack:
     """Start Ray head + MLflow server (+ API) for ``home``; returns the running :class:`Stack`.
 
@@ -60,13 +67,18 @@ def start_stack(
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
 
+    if db_url:
+        check_db(db_url, say)
     existing = Stack.load(home)
+    if existing is not None and db_url and existing.db_url != db_url and all(existing.alive().values()):
+        raise StackError(f"the stack in {home} is running on {existing.db_display}; `bonn-sweep down` it first "
+                         f"to use {redact(db_url)}")
     if existing is not None:
         alive = existing.alive()
         if alive and all(alive.values()) and (existing.api_port is not None or not with_api):
             say(f"stack already running (home {home})")
             if with_api:
-                ensure_stack_key(home, extra_env)
+                ensure_stack_key(home, extra_env, existing.db_url)
             return existing
         say("found a stale stack.json: stopping its leftovers")
         stop_stack(home)
@@ -88,6 +100,7 @@ def start_stack(
         mlflow_port=mlflow_port,
         api_port=api_port,
         num_cpus=num_cpus or os.cpu_count() or 1,
+        db_url=db_url or None,
     )
     # The driver runs as a Ray job: server_env makes this source tree importable there even without `pip install -e`.
     base_env = server_env(extra_env)
@@ -98,7 +111,7 @@ def start_stack(
         popens["ray"] = spawn_ray_head(stack, ports, base_env, object_store_mb=object_store_mb)
         say(f"starting Ray head (dashboard :{dashboard_port}, GCS :{gcs_port}, temp dir {temp_dir})")
         popens["mlflow"] = spawn_mlflow(stack, base_env)
-        say(f"starting MLflow server (:{mlflow_port}, backend sqlite:///{home}/mlflow.db)")
+        say(f"starting MLflow server (:{mlflow_port}, backend {redact(stack.mlflow_backend_uri)})")
 
         stack.timings["ray_s"] = round(
             wait_healthy("Ray head", ray_jobs_ready(stack.ray_dashboard_url), stack.procs["ray"], popens["ray"], timeout_s), 2
@@ -112,7 +125,7 @@ def start_stack(
 
         # (c) API, with a key for the local user
         if with_api:
-            ensure_stack_key(home, extra_env)
+            ensure_stack_key(home, extra_env, db_url)
             say(f"starting API (:{api_port})")
             start_api(stack, base_env=base_env)
             say(f"API up in {stack.timings['api_s']:.1f}s")
@@ -122,6 +135,18 @@ def start_stack(
     stack.timings["total_s"] = round(time.monotonic() - t_start, 2)
     stack.save()
     return stack
+
+
+def check_db(db_url: str, say: Callable[[str], None] = lambda _m: None, timeout_s: float = 5.0) -> None:
+    """Check ``--db`` and create its three databases when missing: :class:`StackError` with a one-line
+    reason (bad URL, server unreachable, no right to create a database), the password hidden."""
+    try:
+        urls = derive_urls(db_url)
+        created = ensure_databases(urls, timeout_s=timeout_s)
+    except (DatabaseUrlError, DatabaseUnavailable) as exc:
+        raise StackError(str(exc)) from None
+    if created:
+        say(f"created databases {', '.join(created)} on {redact(db_url)}")
 
 
 def stop_stack(

@@ -32,7 +32,8 @@ DEMO_STUDY: dict[str, Any] = {
 def cmd_up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
-        stack = start_stack(home_of(args), num_cpus=args.num_cpus, prefer_default_ports=True, log=say_dim)
+        stack = start_stack(home_of(args), num_cpus=args.num_cpus, prefer_default_ports=True, log=say_dim,
+                            db_url=getattr(args, "db", None) or os.environ.get("BONN_SWEEP_DB_URL") or None)
     except StackError as exc:
         raise CliError(f"bonn-sweep up failed: {exc}") from None
     console.print(f"[green]up[/green] in {time.monotonic() - t0:.1f}s (home {stack.home})")
@@ -69,7 +70,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if existing is None or not all(existing.alive().values()):
             console.print(f"starting the embedded stack in {home} ...")
         try:
-            stack = start_stack(home, prefer_default_ports=True, log=say_dim)
+            stack = start_stack(home, prefer_default_ports=True, log=say_dim,
+                                db_url=os.environ.get("BONN_SWEEP_DB_URL") or None)
         except StackError as exc:
             raise CliError(f"bonn-sweep up failed: {exc}") from None
         url = stack.api_url

@@ -63,11 +63,27 @@ class Stack:
     started_at: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     worker_temp_dirs: dict[str, str] = field(default_factory=dict)  # extra Ray nodes (start_ray_worker)
+    #: ``--db``: one PostgreSQL server for the three stores (service/core/db.py); None: SQLite in home.
+    #: It may hold a password: stack.json is then written mode 0600, and only :attr:`db_display` is printed.
+    db_url: str | None = None
 
     # -- addresses --------------------------------------------------------------------------------
     @property
     def api_url(self) -> str | None:
         return f"http://127.0.0.1:{self.api_port}" if self.api_port else None
+
+    @property
+    def db_display(self) -> str:
+        """Where the three stores live, password hidden."""
+        from service.core.db import redact
+
+        return redact(self.db_url) if self.db_url else f"SQLite under {self.home}"
+
+    @property
+    def mlflow_backend_uri(self) -> str:
+        from service.core.db import derive_urls
+
+        return derive_urls(self.db_url).mlflow if self.db_url else f"sqlite:///{self.home}/mlflow.db"
 
     @property
     def ray_dashboard_url(self) -> str:
@@ -104,6 +120,8 @@ class Stack:
             "BONN_SWEEP_RAY_DASHBOARD_URL": self.ray_dashboard_url,
             "BONN_SWEEP_DRIVER_PYTHON": sys.executable,
         }
+        if self.db_url:
+            env["BONN_SWEEP_DB_URL"] = self.db_url
         if self.api_port:
             env["BONN_SWEEP_API_PORT"] = str(self.api_port)
             env["BONN_SWEEP_API_HOST"] = "127.0.0.1"
@@ -124,6 +142,7 @@ class Stack:
             ray_dashboard_url=self.ray_dashboard_url,
             api_port=self.api_port or 8000,
             driver_python=sys.executable,
+            db_url=self.db_url,
         )
 
     def alive(self) -> dict[str, bool]:
@@ -135,6 +154,8 @@ class Stack:
         tmp = path.with_suffix(".tmp")
         data = asdict(self)
         tmp.write_text(json.dumps(data, indent=2))
+        if self.db_url:  # it may hold the database password
+            os.chmod(tmp, 0o600)
         tmp.replace(path)
 
     @classmethod

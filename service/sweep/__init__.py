@@ -5,4 +5,5 @@ service.sweep.driver``). The only part of ``service`` that imports ``ray`` (and 
 ``driver`` (entry point and the steps of a run) -> ``tuner`` (Tuner build / restore), ``searcher``
 (Optuna under Tune), ``monitor`` (progress lines, failure limit, time budget), ``mlflow_callback``
 (a run per trial) with its ``outbox`` (offline queue, spool), ``registry`` (the model);
-``stop_reasons`` is the vocabulary they share."""
+``stop_reasons`` is the vocabulary they share; ``db_retry`` lets Optuna's storage ride out a database
+restart."""

@@ -34,8 +34,8 @@ Semantics worth knowing:
   each) in one run of the driver, no new trials start; running ones finish; the study fails. A resume
   starts counting afresh (and re-runs the errored trials from their checkpoints).
 * ASHA's rung statistics are not part of Tune's saved state: a restored study starts its rungs empty.
-* After a driver was killed, the restored Tune state is the last one Tune saved (every ~10 s, and when
-  trials checkpoint): trials started after it are lost (Optuna FAIL and MLflow KILLED, both with
+* After a driver was killed, the restored Tune state is the last one Tune saved (about every second:
+  ``tuner.save_tune_state_often``; Ray's own default is every ~10 s): trials started after it are lost (Optuna FAIL and MLflow KILLED, both with
   ``stop_reason=cancelled``) and replaced; trials that finished after it are kept and not replaced
   (``service.sweep.searcher``); a trial the state still shows running continues from its last checkpoint there
   -- if it had in fact finished, that last stretch is trained again and its results are dropped
@@ -178,7 +178,7 @@ class StudyDriver:
         import optuna
         from ray import tune
 
-        from service.sweep.tuner import build_tuner, connect_ray, join_uri, make_storage
+        from service.sweep.tuner import build_tuner, connect_ray, join_uri, make_storage, save_tune_state_often
 
         p = self.p
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -191,6 +191,7 @@ class StudyDriver:
         exp_path = join_uri(p.tune_storage, p.study_id)
         restoring = tune.Tuner.can_restore(exp_path)
         num_trials, grid = self._trials_to_run(storage, restoring)
+        save_tune_state_often()
         search = self._build_search(storage, experiment_id, exp_path, num_trials, grid)
         tuner = build_tuner(p, exp_path=exp_path, restoring=restoring, search_alg=search.generator,
                             scheduler=search.scheduler, callbacks=search.callbacks, num_trials=num_trials, echo=echo)

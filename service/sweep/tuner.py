@@ -41,17 +41,36 @@ def connect_ray(echo: Callable[[str], None]) -> None:
          f"cluster CPUs={res.get('CPU', 0):g} GPUs={res.get('GPU', 0):g}")
 
 
+#: seconds between saves of Tune's experiment state (Ray's default "auto" is at least 10 s)
+TUNE_STATE_PERIOD_S = "1"
+
+
+def save_tune_state_often() -> str:
+    """Make Tune save its experiment state (trials, searcher) about every second instead of every
+    ~10 s, so a killed driver loses at most the last second of trial completions: Tune's step loop
+    saves the state when the period has passed, and it steps at least once a trial completes. The
+    period is ``TUNE_GLOBAL_CHECKPOINT_S`` (read by Ray when the Tuner runs); a value already set in
+    the environment wins, else ``BONN_SWEEP_TUNE_STATE_PERIOD_S`` (default 1). Returns the period."""
+    period = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S") or os.environ.get("BONN_SWEEP_TUNE_STATE_PERIOD_S") \
+        or TUNE_STATE_PERIOD_S
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = period
+    return period
+
+
 def make_storage(url: str):
-    """The Optuna RDB storage of the study."""
+    """The Optuna RDB storage of the study; on a server database its calls ride out a restart
+    (service/sweep/db_retry.py)."""
     import optuna
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # the API reads the same file while the driver writes: wait for locks instead of failing
         engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    from service.sweep.db_retry import RetryingRDBStorage
+
+    engine_kwargs["pool_pre_ping"] = True
+    return RetryingRDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 def make_scheduler(p: JobPayload):

@@ -30,6 +30,7 @@ TINY = {
 }
 
 
+@pytest.mark.postgres
 def test_healthz_all_components_up(api: httpx.Client) -> None:
     r = api.get("/healthz")
     assert r.status_code == 200, r.text
@@ -59,6 +60,7 @@ def test_ports_are_bound_to_loopback_only(stack: Stack) -> None:
             assert s.connect_ex((ip, port)) != 0, f"port {port} answers on {ip}"
 
 
+@pytest.mark.postgres
 def test_errors_through_real_server(api: httpx.Client) -> None:
     r = api.post("/studies", json={**TINY, "budget": {"num_trials": 0}})
     assert r.status_code == 422

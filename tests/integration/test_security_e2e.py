@@ -127,6 +127,7 @@ def test_local_key_file_is_private_and_not_stored_in_plaintext(stack: Stack) -> 
     assert key.encode() not in db.read_bytes()
 
 
+@pytest.mark.postgres
 def test_auth_over_http(stack: Stack, api: httpx.Client) -> None:
     url = stack.api_url or ""
     r = httpx.post(f"{url}/studies", json=TINY, timeout=30)
@@ -139,6 +140,7 @@ def test_auth_over_http(stack: Stack, api: httpx.Client) -> None:
     assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
 
 
+@pytest.mark.postgres
 def test_keys_created_and_revoked_with_the_cli(stack: Stack, tmp_path: Path) -> None:
     env = {**os.environ, "BONN_SWEEP_HOME": stack.home}
     r = subprocess.run([sys.executable, "-m", "service", "keys", "create", "--name", "e2e"], env=env,
@@ -155,6 +157,7 @@ def test_keys_created_and_revoked_with_the_cli(stack: Stack, tmp_path: Path) -> 
                timeout=30, what="the revoked key to be refused")
 
 
+@pytest.mark.postgres
 def test_limits_over_http(stack: Stack, api: httpx.Client) -> None:
     settings = stack.settings
     # 413: larger than api_max_body_bytes, refused before it is parsed

@@ -1,0 +1,1 @@
+"""Alembic revisions of the study store (see the package docstring)."""
