@@ -19,7 +19,9 @@ State lives in the Optuna study's user attrs (the API reads them, like it reads 
 ``confirm_plan`` (the plan, fixed once made), ``confirm_runs`` (``"<label>/seed<s>"`` -> the finished
 run: seed, val_acc, test_acc, MLflow run, checkpoint; written once, never twice) and ``confirmation``
 (the summary of :func:`service.sweep.confirm_stats.summarize`, rewritten after every finished run).
-``search_done`` marks a search that ended: a resume then goes straight on with the confirmation.
+``search_done`` marks a search that ended: a resume then goes straight on with the confirmation. The
+plan is made once; a resume that extends ``num_trials`` searches further and then plans again (a new
+Tune experiment ``<study_id>-confirm-<num_trials>``; runs already recorded are not repeated).
 A run already in ``confirm_runs`` is never started again, also when the Tune state is older than it
 (a killed driver).
 """
@@ -48,8 +50,9 @@ PLAN_ATTR, RUNS_ATTR, SUMMARY_ATTR, SEARCH_DONE_ATTR = "confirm_plan", "confirm_
 STAGE = "confirm"
 
 
-def experiment_name(study_id: str) -> str:
-    return f"{study_id}-confirm"
+def experiment_name(study_id: str, num_trials: int | None = None) -> str:
+    """``<study_id>-confirm``; a plan remade after a resume extended the search: ``-confirm-<num_trials>``."""
+    return f"{study_id}-confirm" + (f"-{num_trials}" if num_trials else "")
 
 
 # -- the plan ------------------------------------------------------------------------------------------
@@ -103,8 +106,10 @@ def make_plan(p: JobPayload, study: optuna.Study) -> dict[str, Any]:
                             "search_value": None})
     base_seed = int(p.trial_defaults.get("seed", 0))
     epochs = int(conf.epochs or p.epochs)
+    old = study.user_attrs.get(PLAN_ATTR)
     return {"configs": configs, "seeds": [base_seed + 1 + i for i in range(conf.seeds)], "epochs": epochs,
-            "experiment": experiment_name(p.study_id), "objective": spec.objective.metric}
+            "experiment": experiment_name(p.study_id, p.trials_requested if old else None),
+            "objective": spec.objective.metric, "num_trials": p.trials_requested}
 
 
 def plan_entries(p: JobPayload, plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -214,7 +219,9 @@ def run_confirmation(driver: Any, study: optuna.Study, echo: Callable[[str], Non
     p = driver.p
     study.set_user_attr(SEARCH_DONE_ATTR, max(int(study.user_attrs.get(SEARCH_DONE_ATTR) or 0), p.trials_requested))
     plan = study.user_attrs.get(PLAN_ATTR)
-    if not plan:
+    if not plan or int(plan.get("num_trials") or 0) < p.trials_requested:
+        # first plan, or a resume extended the search: plan again (runs of a configuration and seed
+        # recorded before are kept: their keys name the configuration, e.g. ``reference/seed1``)
         plan = make_plan(p, study)
         study.set_user_attr(PLAN_ATTR, plan)
         study.set_user_attr(SUMMARY_ATTR, summarize(plan, {}))
@@ -228,7 +235,7 @@ def run_confirmation(driver: Any, study: optuna.Study, echo: Callable[[str], Non
         searcher = ConfirmSearcher(entries, done)
         limiter = ConcurrencyLimiter(searcher, max_concurrent=int(p.study_spec.budget.max_concurrent_trials))
         generator = StudySearchGenerator(limiter, num_trials=len(entries))
-        name = experiment_name(p.study_id)
+        name = plan["experiment"]
         exp_path = join_uri(p.tune_storage, name)
 
         def tags(trial_id: str) -> dict[str, str]:

@@ -126,6 +126,8 @@ def summarize(plan: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str
     is best - reference on ``test_acc`` (``difference_val`` on ``val_acc``), each with its interval.
     """
     confs = []
+    labels = {c["label"] for c in plan.get("configs", [])}
+    runs = {k: r for k, r in runs.items() if r.get("label") in labels}  # (runs of an earlier plan)
     for c in plan.get("configs", []):
         rs = sorted((r for r in runs.values() if r.get("label") == c["label"]), key=lambda r: r["seed"])
         confs.append({
