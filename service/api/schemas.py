@@ -80,7 +80,7 @@ class ConfirmDifference(BaseModel):
 
 
 class Confirmation(BaseModel):
-    status: str = Field(description="running | complete")
+    status: str = Field(description="running | complete | incomplete (the stage ended with runs missing)")
     seeds: list[int]
     epochs: int | None = None
     experiment: str | None = Field(None, description="the Tune experiment of the confirmation runs")

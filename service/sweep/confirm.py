@@ -264,7 +264,7 @@ def run_confirmation(driver: Any, study: optuna.Study, echo: Callable[[str], Non
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if driver.cancel_requested:
             return None
-    summary = summarize(plan, dict(study.user_attrs.get(RUNS_ATTR) or {}))
+    summary = summarize(plan, dict(study.user_attrs.get(RUNS_ATTR) or {}), final=True)
     study.set_user_attr(SUMMARY_ATTR, summary)
     return summary
 

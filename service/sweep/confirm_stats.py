@@ -119,11 +119,13 @@ def _stat(xs: list[float]) -> dict[str, Any]:
     return {"mean": m, "std": s, "n": len(xs)}
 
 
-def summarize(plan: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(plan: dict[str, Any], runs: dict[str, dict[str, Any]], final: bool = False) -> dict[str, Any]:
     """The confirmation as ``GET /studies/{id}`` shows it, from the plan and the finished runs.
 
     ``best`` is the candidate with the highest mean ``val_acc`` (never test accuracy); ``difference``
     is best - reference on ``test_acc`` (``difference_val`` on ``val_acc``), each with its interval.
+    ``status``: ``complete`` (every run recorded), ``running``, or with ``final`` (the stage has ended)
+    ``incomplete`` (runs failed; a resume runs them again).
     """
     confs = []
     labels = {c["label"] for c in plan.get("configs", [])}
@@ -152,7 +154,7 @@ def summarize(plan: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str
         return {"metric": metric, **welch_interval(a, b, LEVEL), "level": LEVEL, "method": METHOD}
 
     return {
-        "status": "complete" if expected and len(runs) >= expected else "running",
+        "status": "complete" if expected and len(runs) >= expected else ("incomplete" if final else "running"),
         "seeds": list(plan.get("seeds", [])), "epochs": plan.get("epochs"), "experiment": plan.get("experiment"),
         "runs_done": len(runs), "runs_total": expected,
         "configurations": confs, "best": best["label"] if best else None, "reference": ref["label"] if ref else None,

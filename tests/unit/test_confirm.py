@@ -186,3 +186,17 @@ def test_searcher_selection_best_tells_the_best_epoch(tmp_path):
             s.on_trial_result("t", {"val_acc": v, "epoch": e, "training_iteration": e})
         s.on_trial_complete("t", {"val_acc": 0.7, "epoch": 3, "training_iteration": 3})
         assert s.study.trials[0].value == pytest.approx(expected)
+
+
+def test_record_run_writes_each_run_once_and_the_summary():
+    from service.sweep.confirm import RUNS_ATTR, SUMMARY_ATTR, record_run
+
+    study = optuna.create_study(direction="maximize")
+    plan = _plan()
+    run = {"label": "trial #3", "seed": 1, "val_acc": 0.9, "test_acc": 0.91}
+    assert record_run(study, "trial #3/seed1", run, plan) is True
+    assert record_run(study, "trial #3/seed1", {**run, "val_acc": 0.1}, plan) is False  # never twice
+    assert study.user_attrs[RUNS_ATTR]["trial #3/seed1"]["val_acc"] == 0.9
+    s = study.user_attrs[SUMMARY_ATTR]
+    assert s["runs_done"] == 1 and s["status"] == "running"
+    assert summarize(plan, study.user_attrs[RUNS_ATTR], final=True)["status"] == "incomplete"
