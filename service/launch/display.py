@@ -113,7 +113,7 @@ def confirmation_table(study: dict[str, Any]) -> Table | None:
                     f"{conf.get('epochs')} epochs)")
     for col in ("configuration", "role", "search value", "val_acc per seed", "val_acc", "test_acc per seed",
                 "test_acc"):
-        t.add_column(col, no_wrap=True)
+        t.add_column(col, no_wrap=col in ("configuration", "val_acc", "test_acc"))  # per-seed lists may wrap
     for c in conf["configurations"]:
         label = c["label"] + (" [bold green]*best*[/]" if c["label"] == conf.get("best") else "")
         t.add_row(label, c["role"], fmt(c.get("search_value")),

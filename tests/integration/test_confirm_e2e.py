@@ -1,5 +1,6 @@
 """The confirmation stage end to end on the embedded stack (real Ray, MLflow, HTTP; digits): a study with
-``confirm`` is cancelled while its confirmation runs, resumed, and ends with the confirmation everywhere a
+``confirm`` is cancelled while its confirmation runs, resumed, its driver SIGKILLed during the
+confirmation (INTERRUPTED), resumed again, and ends with the confirmation everywhere a
 user looks -- ``GET /studies/{id}``, the MLflow parent run (metrics, plot), confirmation child runs (tagged
 ``bonn_sweep.stage=confirm``, none duplicated), the registered model (the confirmed run, with its test
 accuracy) and ``bonn-sweep studies show``."""
@@ -14,7 +15,9 @@ import pytest
 from service.launch.stack_record import Stack
 from tests.conftest import wait_until
 from tests.integration.conftest import wait_for_status
+from tests.integration.driver_jobs import kill_pid
 from tests.integration.test_api_e2e import all_artifacts, child_runs, mlflow_client, optuna_trials
+from tests.integration.test_faults import driver_pid, jobs_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -27,7 +30,7 @@ STUDY = {
     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
     "budget": {"num_trials": 3, "max_concurrent_trials": 2, "max_failed_trials": 1},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
-    "confirm": {"seeds": 2, "top_k": 1, "epochs": 3},
+    "confirm": {"seeds": 3, "top_k": 1, "epochs": 3},
 }
 
 
@@ -62,7 +65,23 @@ def test_confirmation_cancel_resume_and_everywhere(stack: Stack, api: httpx.Clie
     assert 1 <= done_before < total
 
     assert api.post(f"/studies/{sid}/resume").status_code == 200
-    body = wait_for_status(api, sid, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=400)
+
+    def more_runs_done() -> dict | None:
+        body = api.get(f"/studies/{sid}").json()
+        if body["status"] not in ("PENDING", "RUNNING"):
+            return body
+        return body if body["confirmation"]["runs_done"] > done_before else None
+
+    body = wait_until(more_runs_done, timeout=300, interval=0.3, what="one more confirmation run")
+    if body["status"] == "RUNNING" and body["confirmation"]["runs_done"] < total:
+        # a killed driver saves nothing: the resume must neither repeat a recorded run nor lose one
+        kill_pid(driver_pid(jobs_of(stack).get_job_logs(body["submission_id"])), expect_in_cmdline="service.sweep.driver")
+        body = wait_for_status(api, sid, {"INTERRUPTED", "SUCCEEDED", "FAILED", "CANCELLED"}, timeout=120)
+        assert body["status"] == "INTERRUPTED", body.get("error")
+        assert api.post(f"/studies/{sid}/resume").status_code == 200
+    else:
+        print(f"\n[confirm] the study ended before the driver could be killed: {body['confirmation']}")
+    body = wait_for_status(api, sid, {"SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED"}, timeout=400)
     assert body["status"] == "SUCCEEDED", body.get("error")
 
     # the search was not run again: 3 trials
@@ -71,13 +90,13 @@ def test_confirmation_cancel_resume_and_everywhere(stack: Stack, api: httpx.Clie
     # GET /studies/{id}: every configuration with its seeds, val and test accuracy, mean +- std, difference
     conf = body["confirmation"]
     assert conf["status"] == "complete" and conf["runs_done"] == conf["runs_total"] == total
-    assert conf["seeds"] == [1, 2] and conf["epochs"] == 3
+    assert conf["seeds"] == [1, 2, 3] and conf["epochs"] == 3
     labels = [c["label"] for c in conf["configurations"]]
     assert conf["reference"] in labels and conf["best"] in labels
     for c in conf["configurations"]:
-        assert [r["seed"] for r in c["runs"]] == [1, 2]
+        assert [r["seed"] for r in c["runs"]] == [1, 2, 3]
         assert all(0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in c["runs"])
-        assert c["val_acc"]["n"] == c["test_acc"]["n"] == 2 and c["test_acc"]["std"] is not None
+        assert c["val_acc"]["n"] == c["test_acc"]["n"] == 3 and c["test_acc"]["std"] is not None
     d = conf["difference"]
     assert d["metric"] == "test_acc" and d["diff"] is not None and d["low"] <= d["diff"] <= d["high"]
     cands = [c for c in conf["configurations"] if "candidate" in c["role"]]
@@ -106,8 +125,10 @@ def test_confirmation_cancel_resume_and_everywhere(stack: Stack, api: httpx.Clie
     assert mv.run_id in run_ids
 
     # the CLI shows the confirmation table
+    from service.launch import display
     from service.launch.cli import main
 
+    monkeypatch.setattr(display.console, "width", 240)
     capsys.readouterr()
     assert main(["--api", stack.api_url, "studies", "show", sid]) == 0
     out = capsys.readouterr().out
