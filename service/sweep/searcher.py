@@ -6,7 +6,8 @@ Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
     * a trial that ended without error but with fewer epochs than it was configured for (ASHA
       stopped it) is told to Optuna as ``PRUNED`` -- its last value becomes its last intermediate
       value, which is what Optuna's samplers read for pruned trials -- instead of ``COMPLETE`` with a
-      partial value (upstream behaviour, which misleads TPE/GP);
+      partial value (upstream behaviour, which misleads TPE/GP); a completed trial's value is its last
+      epoch's, or with ``objective.selection=best`` its best epoch's;
     * an errored trial is ``FAIL``, with user attr ``error`` = one line saying why (from
       ``error_reason(tune_trial_id)``, which the driver wires to Tune's error file of the trial);
       a trial that ends with no (finite) value is ``FAIL``;
