@@ -43,6 +43,56 @@ class BestTrial(BaseModel):
     tune_trial_id: str | None = None
 
 
+class ConfirmStat(BaseModel):
+    mean: float | None = None
+    std: float | None = Field(None, description="sample standard deviation (n - 1); null for fewer than 2 runs")
+    n: int = 0
+
+
+class ConfirmRun(BaseModel):
+    seed: int
+    val_acc: float | None = None
+    test_acc: float | None = Field(None, description="the test split, evaluated once at the run's last epoch")
+    mlflow_run_id: str | None = None
+    tune_trial_id: str | None = None
+
+
+class ConfirmConfiguration(BaseModel):
+    label: str = Field(description="`trial #N` (a search trial) or `reference` (the space's warm-start point)")
+    role: str = Field(description="candidate | reference | candidate+reference")
+    trial: int | None = Field(None, description="the search trial it comes from")
+    params: dict[str, Any]
+    search_value: float | None = Field(None, description="the objective value of the search trial")
+    runs: list[ConfirmRun]
+    val_acc: ConfirmStat
+    test_acc: ConfirmStat
+
+
+class ConfirmDifference(BaseModel):
+    metric: str
+    diff: float | None = Field(None, description="mean(best) - mean(reference)")
+    low: float | None = None
+    high: float | None = None
+    df: float | None = None
+    se: float | None = None
+    level: float = 0.95
+    method: str
+
+
+class Confirmation(BaseModel):
+    status: str = Field(description="running | complete | incomplete (the stage ended with runs missing)")
+    seeds: list[int]
+    epochs: int | None = None
+    experiment: str | None = Field(None, description="the Tune experiment of the confirmation runs")
+    runs_done: int = 0
+    runs_total: int = 0
+    configurations: list[ConfirmConfiguration]
+    best: str | None = Field(None, description="the candidate with the highest mean val_acc (never chosen on test)")
+    reference: str | None = None
+    difference: ConfirmDifference | None = Field(None, description="best - reference on test_acc, 95% interval")
+    difference_val: ConfirmDifference | None = Field(None, description="best - reference on val_acc")
+
+
 class StudySummary(BaseModel):
     id: str
     name: str
@@ -68,6 +118,7 @@ class StudyPublic(StudySummary):
     mlflow_experiment_id: str | None = None
     mlflow_parent_run_id: str | None = None
     spec: dict[str, Any]
+    confirmation: Confirmation | None = Field(None, description="the confirmation stage (StudySpec `confirm`)")
 
 
 class StudiesPublic(BaseModel):

@@ -57,6 +57,11 @@ class _Strict(BaseModel):
 class Objective(_Strict):
     metric: ObjectiveMetric = Field("val_acc", description="per-epoch metric reported by the trial")
     mode: Literal["max", "min"] = "max"
+    selection: Literal["last", "best"] = Field(
+        "last",
+        description="which epoch of a trial counts: `last` = its last epoch's value is told to Optuna and that "
+                    "epoch's checkpoint is registered; `best` = its best epoch's value and checkpoint",
+    )
 
 
 class Sampler(_Strict):
@@ -76,6 +81,17 @@ class Budget(_Strict):
     max_concurrent_trials: int = Field(2, ge=1)
     time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
     max_failed_trials: int = Field(3, ge=0, description="fail the study after more failed trials than this")
+
+
+class Confirm(_Strict):
+    """The confirmation stage (``service.sweep.confirm``): after the search, the ``top_k`` configurations
+    (by the objective, on the validation split) and the search space's warm-start (paper) point are each
+    trained again with ``seeds`` fresh seeds for ``epochs`` (default: the trial's full ``epochs``)."""
+
+    seeds: int = Field(3, ge=1, le=20, description="fresh seeds per configuration")
+    top_k: int = Field(1, ge=1, le=10, description="how many of the search's best configurations to confirm")
+    epochs: int | None = Field(None, ge=1, description="epochs of a confirmation run; null = the trial's epochs")
+    reference: bool = Field(True, description="also confirm the search space's first warm-start point")
 
 
 #: Ray's own resource names: a StudySpec sets them through cpus_per_trial / gpus_per_trial, never `custom`.
@@ -148,6 +164,8 @@ class StudySpec(_Strict):
     scheduler: Scheduler = Field(default_factory=Scheduler)
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
+    confirm: Confirm | None = Field(
+        None, description="the confirmation stage; null (default) = off, {} = on with its defaults")
 
     _space: Any = PrivateAttr(default=None)  # the loaded search_spaces.SearchSpace
 
@@ -267,6 +285,12 @@ class StudySpec(_Strict):
                         )
                     ],
                 )
+        if self.confirm is not None and self.confirm.top_k > self.budget.num_trials:
+            raise ValidationError.from_exception_data(
+                "StudySpec",
+                [_custom(("confirm", "top_k"), f"top_k={self.confirm.top_k} > budget.num_trials="
+                         f"{self.budget.num_trials}", self.confirm.top_k)],
+            )
         return self
 
     # -- helpers used by the API and the driver ------------------------------------------------------

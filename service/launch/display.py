@@ -95,3 +95,34 @@ def trials_table(trials: list[dict[str, Any]], objective: dict[str, str]) -> Tab
             *[fmt(tr["params"].get(n), 3) for n in names], (tr.get("stop_reason") or "").replace("early_stopped", "asha"),
         )
     return t
+
+
+def _pm(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return ""
+    std = stat.get("std")
+    return f"{stat['mean']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def confirmation_table(study: dict[str, Any]) -> Table | None:
+    """The confirmation stage: per configuration its seeds' val/test accuracy, mean ± std, and the
+    difference best - reference with its 95% interval (the caption). None without a confirmation."""
+    conf = study.get("confirmation")
+    if not conf:
+        return None
+    t = Table(title=f"confirmation over seeds {conf['seeds']} ({conf['runs_done']}/{conf['runs_total']} runs, "
+                    f"{conf.get('epochs')} epochs)")
+    for col in ("configuration", "role", "search value", "val_acc per seed", "val_acc", "test_acc per seed",
+                "test_acc"):
+        t.add_column(col, no_wrap=col in ("configuration", "val_acc", "test_acc"))  # per-seed lists may wrap
+    for c in conf["configurations"]:
+        label = c["label"] + (" [bold green]*best*[/]" if c["label"] == conf.get("best") else "")
+        t.add_row(label, c["role"], fmt(c.get("search_value")),
+                  " ".join(fmt(r.get("val_acc")) for r in c["runs"]), _pm(c.get("val_acc")),
+                  " ".join(fmt(r.get("test_acc")) for r in c["runs"]), _pm(c.get("test_acc")))
+    d = conf.get("difference")
+    if d and d.get("diff") is not None:
+        ci = (f"95% interval [{d['low']:+.4f}, {d['high']:+.4f}]" if d.get("low") is not None
+              else "no interval (fewer than 2 runs a side)")
+        t.caption = f"best - reference, test_acc: {d['diff']:+.4f}, {ci}; {d['method']}"
+    return t

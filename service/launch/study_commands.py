@@ -14,7 +14,14 @@ from rich.table import Table
 
 from service.launch.api_client import Api, client
 from service.launch.cli_errors import CliError, exception_lines
-from service.launch.display import console, print_study, study_panel, styled_status, trials_table
+from service.launch.display import (
+    confirmation_table,
+    console,
+    print_study,
+    study_panel,
+    styled_status,
+    trials_table,
+)
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED"}
 
@@ -106,6 +113,9 @@ def watch(api: Api, study_id: str, interval: float = 1.0) -> int:
             parts: list[Any] = [study_panel(study, time.monotonic() - t0)]
             if trials:
                 parts.append(trials_table(trials[-12:], study["objective"]))
+            conf = confirmation_table(study)
+            if conf is not None:
+                parts.append(conf)
             live.update(Group(*parts))
             if study["status"] in TERMINAL:
                 break
@@ -152,6 +162,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     trials = api.request("GET", f"/studies/{args.id}/trials")
     if trials["data"]:
         console.print(trials_table(trials["data"], study["objective"]))
+    conf = confirmation_table(study)
+    if conf is not None:
+        console.print(conf)
     return 0
 
 

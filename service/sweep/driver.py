@@ -17,7 +17,10 @@ What it does, in the steps of :meth:`StudyDriver._run` (the modules of this pack
    ``outbox``) and the progress monitor (``monitor``) -- and the Tuner, fresh or restored with those
    objects rebuilt from the payload, so ``num_trials`` may grow on resume (``tuner``);
 3. runs it; the monitor prints one line per trial event (visible in the Ray dashboard's job logs);
-4. at the end registers the best trial's best checkpoint in the MLflow Model Registry as
+4. with a ``confirm`` section, trains the search's top configurations and the paper's point again over
+   fresh seeds (``confirm``; a resume after the search goes straight on with it);
+5. at the end registers the best trial's checkpoint (``objective.selection``) -- with ``confirm``, the
+   confirmed best run's, with its test accuracy -- in the MLflow Model Registry as
    ``bonn-sweep-<study name>`` (``registry``), tags and ends the parent run.
 
 Exit codes (``service.core.jobs`` EXIT_*): 0 succeeded; 1 failed (more than ``max_failed_trials`` trials errored, no trial completed,
@@ -188,7 +191,13 @@ class StudyDriver:
         connect_ray(echo)
         self._catch_cancel()
 
+        from service.sweep.confirm import search_finished
+
         exp_path = join_uri(p.tune_storage, p.study_id)
+        study = _load_study_or_none(p.study_id, storage)
+        if search_finished(p, study):
+            echo(f"study {p.study_id}: the search has ended before; going on with the confirmation")
+            return self._conclude(study, None)
         restoring = tune.Tuner.can_restore(exp_path)
         num_trials, grid = self._trials_to_run(storage, restoring)
         save_tune_state_often()
@@ -201,7 +210,7 @@ class StudyDriver:
             return self._cancelled(search.searcher.study, exp_path)
         if fit_error is not None:
             raise fit_error
-        return self._conclude(search)
+        return self._conclude(search.searcher.study, search.monitor)
 
     # -- the steps of _run -------------------------------------------------------------------------
     def _trials_to_run(self, storage, restoring: bool) -> tuple[int, dict | None]:
@@ -261,6 +270,7 @@ class StudyDriver:
             default_epochs=p.epochs,
             max_t=p.max_t,
             echo=echo,
+            selection=spec.objective.selection,
         )
         limiter = StudyConcurrencyLimiter(searcher, max_concurrent=int(spec.budget.max_concurrent_trials))
         generator = StudySearchGenerator(limiter, num_trials=num_trials)
@@ -276,6 +286,7 @@ class StudyDriver:
             upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD", "all"),
             optuna_link=searcher,
             echo=echo,
+            selection=spec.objective.selection,
             # checkpoints wait here while MLflow is unreachable (a restored sweep finds them again)
             spool_dir=None if "://" in exp_path else str(Path(exp_path) / "mlflow-spool"),
         )
@@ -334,21 +345,23 @@ class StudyDriver:
         self.parent.end("CANCELLED")
         return EXIT_CANCELLED
 
-    def _conclude(self, search: Search) -> int:
-        """The study ran to its end: failed (failure limit, no trial completed) or succeeded -- then its
-        best trial is tagged on the parent run and its model registered."""
+    def _conclude(self, study, monitor: StudyMonitor | None) -> int:
+        """The search ran to its end (``monitor``: None when an earlier run of the driver ended it):
+        failed (failure limit, no trial completed) or succeeded -- then the confirmation stage runs (with
+        ``confirm``), the best trial is tagged on the parent run and its (confirmed) model registered."""
+        from service.sweep import confirm
         from service.sweep.registry import register_best
         from service.sweep.searcher import fail_running_trials
 
-        p, study, metric = self.p, search.searcher.study, self.p.study_spec.objective.metric
+        p, metric = self.p, self.p.study_spec.objective.metric
         counts = _state_counts(study)
         orphans = fail_running_trials(study)  # hygiene: nothing can continue these any more
         if orphans:
             echo(f"marked {orphans} leftover RUNNING Optuna trial(s) FAIL")
             counts = _state_counts(study)
 
-        if search.monitor.failure_limit_hit:
-            msg = (f"{search.monitor.failed} trials failed "
+        if monitor is not None and monitor.failure_limit_hit:
+            msg = (f"{monitor.failed} trials failed "
                    f"(max_failed_trials={p.study_spec.budget.max_failed_trials})")
             return self._failed(msg, {"error": msg, "trial_counts": json.dumps(counts)})
         try:
@@ -359,12 +372,24 @@ class StudyDriver:
             return self._failed("no trial completed", {"error": "no trial completed",
                                                        "trial_counts": json.dumps(counts)}, f" ({counts})")
 
+        chosen, extra = best, None
+        if p.study_spec.confirm is not None:
+            summary = confirm.run_confirmation(self, study, echo)
+            if self.cancel_requested:
+                return self._cancelled(study, confirm.experiment_name(p.study_id))
+            chosen = confirm.registered_run(summary, study) if summary else None
+            if chosen is None:
+                return self._failed("no confirmation run completed", {"error": "no confirmation run completed"})
+            confirm.log_to_parent(self, summary, echo)
+            extra = {"stage": "confirm", "test_acc": chosen.user_attrs.get("test_acc"),
+                     "seed": chosen.user_attrs.get("seed")}
         tags = {
             "best_trial": best.number,
             "best_tune_trial_id": best.user_attrs.get("tune_trial_id", ""),
             "best_run_id": best.user_attrs.get("mlflow_run_id", ""),
             "best_value": best.value,
-            "best_epoch": best.user_attrs.get("best_epoch", ""),
+            "best_epoch": best.user_attrs.get(
+                "best_epoch" if p.study_spec.objective.selection == "best" else "epochs_done", ""),
             "best_checkpoint_uri": best.user_attrs.get("checkpoint_uri", ""),
             "trial_counts": json.dumps(counts),
         }
@@ -375,7 +400,7 @@ class StudyDriver:
 
         try:
             t_reg = time.monotonic()
-            ref = register_best(p, self.client, study, best, echo)
+            ref = register_best(p, self.client, study, chosen, echo, extra_tags=extra)
             echo(f"registered model {ref} in {time.monotonic() - t_reg:.1f}s")
         except Exception as exc:  # noqa: BLE001
             print(traceback.format_exc(), file=sys.stderr, flush=True)

@@ -143,6 +143,10 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         final_wait_s: at the end of the sweep, how long to wait for an unreachable MLflow to come
             back and take what is still queued.
         max_down_backoff_s: longest pause between two probes of an unreachable MLflow server.
+        selection: ``objective.selection``: ``best`` -- a trial's ``checkpoint_uri`` is its best epoch's
+            checkpoint; ``last`` -- its last epoch's.
+        stage: tagged ``bonn_sweep.stage`` on every run (``search``; ``confirm`` for confirmation runs).
+        trial_tags: ``tune_trial_id -> dict`` of extra tags for a new run (not pickled).
     """
 
     def __init__(
@@ -163,6 +167,9 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         spool_dir: str | None = None,
         final_wait_s: float = 120.0,
         max_down_backoff_s: float = 10.0,
+        selection: str = "best",
+        stage: str = "search",
+        trial_tags: Callable[[str], dict[str, str]] | None = None,
     ):
         if upload not in UPLOAD_POLICIES:
             raise ValueError(f"upload must be one of {UPLOAD_POLICIES}, got {upload!r}")
@@ -182,6 +189,9 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         self.spool_dir = spool_dir
         self.final_wait_s = float(final_wait_s)
         self.max_down_backoff_s = float(max_down_backoff_s)
+        self.selection = selection
+        self.stage = stage
+        self.trial_tags = trial_tags
         self._client = None
         # -- state saved with Tune's experiment state --
         self._trials: dict[str, dict[str, Any]] = {}
@@ -199,6 +209,7 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         state["_client"] = None
         state["optuna_link"] = None
         state["echo"] = None
+        state["trial_tags"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -207,8 +218,25 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         self.__dict__.setdefault("spool_dir", None)
         self.__dict__.setdefault("final_wait_s", 120.0)
         self.__dict__.setdefault("max_down_backoff_s", 10.0)
+        self.__dict__.setdefault("selection", "best")
+        self.__dict__.setdefault("stage", "search")
+        self.__dict__.setdefault("trial_tags", None)
         self._reset_online()
         self._orphans_checked = False
+
+    def run_tags(self, rec: dict[str, Any]) -> dict[str, str]:
+        """Tags of a new run beyond the study's: the stage and ``trial_tags`` of the trial."""
+        tags = {"bonn_sweep.stage": self.stage}
+        if self.trial_tags is not None:
+            try:
+                tags.update({str(k): str(v) for k, v in (self.trial_tags(rec["trial_id"]) or {}).items()})
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("trial_tags(%s) failed: %s", rec["trial_id"], exc)
+        return tags
+
+    def selected_epoch(self, rec: dict[str, Any]) -> int | None:
+        """The epoch whose checkpoint is the trial's (``objective.selection``)."""
+        return rec["best_epoch"] if self.selection == "best" else (rec["epochs_done"] or None)
 
     def _link(self, method: str, *args) -> Any:
         if self.optuna_link is None:
@@ -288,6 +316,8 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
             return False
         for run in runs:
             tid = run.data.tags.get("tune_trial_id")
+            if run.data.tags.get("bonn_sweep.stage", "search") != self.stage:
+                continue  # the other stage's runs (search vs confirmation) are not this sweep's
             if not tid or tid in known:
                 continue
             self._say(f"MLflow run {run.info.run_id} of trial {tid}: the trial was lost with a killed driver "
@@ -366,14 +396,14 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
             return
         if sent:
             self._uploaded(rec, epoch)
-        elif is_best and rec["artifact_uri"]:  # where it will be once MLflow has it
+        elif epoch == self.selected_epoch(rec) and rec["artifact_uri"]:  # where it will be once MLflow has it
             rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
             self._link("set_trial_attrs", trial.trial_id, {"checkpoint_uri": rec["checkpoint_uri"]})
 
     def _uploaded(self, rec: dict[str, Any], epoch: int) -> None:
         if epoch not in rec["uploaded"]:
             rec["uploaded"].append(epoch)
-        if epoch == rec["best_epoch"] and rec["artifact_uri"]:
+        if epoch == self.selected_epoch(rec) and rec["artifact_uri"]:
             rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
             self._link("set_trial_attrs", rec["trial_id"], {"checkpoint_uri": rec["checkpoint_uri"]})
 
@@ -429,10 +459,9 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
             return
         # the parent run's best_so_far: over trials that ran to completion (the Optuna COMPLETE ones)
         self._study["finished"] += 1
-        if reason == STOP_COMPLETED and rec["last_value"] is not None and _better(
-            rec["last_value"], self._study["best_value"], self.mode
-        ):
-            self._study["best_value"] = rec["last_value"]
+        value = rec["best_value"] if self.selection == "best" else rec["last_value"]
+        if reason == STOP_COMPLETED and value is not None and _better(value, self._study["best_value"], self.mode):
+            self._study["best_value"] = value
             self._study["best_trial"] = trial.trial_id
         if self.parent_run_id and self._study["best_value"] is not None:
             self._parent_ops.append({"key": "best_so_far", "value": self._study["best_value"],

@@ -171,6 +171,8 @@ class MlflowOutbox:
             }
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
+            if hasattr(self, "run_tags"):
+                tags.update(self.run_tags(rec))
             number = self._link("trial_number", rec["trial_id"])
             if number is not None:
                 tags["optuna_trial_number"] = str(number)
@@ -183,8 +185,9 @@ class MlflowOutbox:
             rec["run_id"] = run.info.run_id
             rec["artifact_uri"] = run.info.artifact_uri
         attrs = {"mlflow_run_id": rec["run_id"]}
-        if rec["checkpoint_uri"] is None and rec["best_epoch"] in rec["uploaded"]:
-            rec["checkpoint_uri"] = self._checkpoint_uri(rec, rec["best_epoch"])
+        selected = self.selected_epoch(rec) if hasattr(self, "selected_epoch") else rec["best_epoch"]
+        if rec["checkpoint_uri"] is None and selected in rec["uploaded"]:
+            rec["checkpoint_uri"] = self._checkpoint_uri(rec, selected)
             attrs["checkpoint_uri"] = rec["checkpoint_uri"]
         self._link("set_trial_attrs", rec["trial_id"], attrs)
         return True

@@ -43,9 +43,12 @@ def inference_model(model):
     return LogitsOnly(model).eval()
 
 
-def register_best(p: JobPayload, client: Any, study, best, echo: Callable[[str], None]) -> str:
-    """Log the best trial's best checkpoint as an MLflow PyTorch model under its run and register it.
-    Returns ``"name/version"``."""
+def register_best(p: JobPayload, client: Any, study, best, echo: Callable[[str], None],
+                  extra_tags: dict[str, Any] | None = None) -> str:
+    """Log the best trial's checkpoint (the one ``objective.selection`` picks) as an MLflow PyTorch model
+    under its run and register it. ``best`` is an Optuna trial, or any object with ``number``,
+    ``value`` and ``user_attrs`` (a confirmation run: ``service.sweep.confirm``); ``extra_tags`` go on
+    the model version too (e.g. ``test_acc``). Returns ``"name/version"``."""
     import mlflow
 
     def quiet(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -97,6 +100,7 @@ def register_best(p: JobPayload, client: Any, study, best, echo: Callable[[str],
         "objective": f"{p.study_spec.objective.metric}={best.value}",
         "best_epoch": best.user_attrs.get("best_epoch", ""),
         "checkpoint_uri": best.user_attrs.get("checkpoint_uri", ""),
+        **(extra_tags or {}),
     }.items():
         quiet("set_model_version_tag", client.set_model_version_tag, name, str(version), k, str(v))
     ref = f"{name}/{version}"
@@ -117,7 +121,7 @@ def fetch_checkpoint(p: JobPayload, best, echo: Callable[[str], None]) -> str:
         except Exception as exc:  # noqa: BLE001
             echo(f"warning: could not download {uri}: {exc}; trying Tune's checkpoint")
     tid = best.user_attrs.get("tune_trial_id")
-    exp = Path(join_uri(p.tune_storage, p.study_id))
+    exp = Path(join_uri(p.tune_storage, best.user_attrs.get("tune_experiment") or p.study_id))
     if tid and exp.is_dir():
         cands = sorted(exp.glob(f"*{tid}*/checkpoint_*/checkpoint.pt"))
         if cands:

@@ -6,7 +6,8 @@ Three small pieces around Ray Tune's ``OptunaSearch`` (ray 2.60, optuna 5):
     * a trial that ended without error but with fewer epochs than it was configured for (ASHA
       stopped it) is told to Optuna as ``PRUNED`` -- its last value becomes its last intermediate
       value, which is what Optuna's samplers read for pruned trials -- instead of ``COMPLETE`` with a
-      partial value (upstream behaviour, which misleads TPE/GP);
+      partial value (upstream behaviour, which misleads TPE/GP); a completed trial's value is its last
+      epoch's, or with ``objective.selection=best`` its best epoch's;
     * an errored trial is ``FAIL``, with user attr ``error`` = one line saying why (from
       ``error_reason(tune_trial_id)``, which the driver wires to Tune's error file of the trial);
       a trial that ends with no (finite) value is ``FAIL``;
@@ -170,7 +171,8 @@ class StudyOptunaSearch(OptunaSearch):
     """``OptunaSearch`` with PRUNED for early-stopped trials, user attrs and restore hygiene."""
 
     #: attributes that stay those of the live object on restore (not the pickled ones)
-    _LIVE_ATTRS = ("_space", "_storage", "_study_name", "_default_epochs", "_max_t", "_echo", "error_reason")
+    _LIVE_ATTRS = ("_space", "_storage", "_study_name", "_default_epochs", "_max_t", "_echo", "error_reason",
+                   "_selection")
 
     def __init__(
         self,
@@ -185,8 +187,12 @@ class StudyOptunaSearch(OptunaSearch):
         default_epochs: int = 10,
         max_t: int | None = None,
         echo: Callable[[str], None] | None = None,
+        selection: str = "last",
     ):
         self._default_epochs = int(default_epochs)
+        #: objective.selection: ``last`` tells Optuna a completed trial's last value, ``best`` its best epoch's
+        self._selection = selection
+        self._best: dict[str, float] = {}  # tune trial id -> best finite objective value reported
         self._max_t = int(max_t) if max_t else None
         self._target: dict[str, int] = {}  # tune trial id -> epochs that make it complete
         self._retries: dict[str, int] = {}  # tune trial id -> number of the FAIL trial it re-ran
@@ -250,6 +256,10 @@ class StudyOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._ot_trials or trial_id in self._completed_trials:
             return  # e.g. a trial resumed after a restore without searcher state
+        v = finite(result.get(self._metric)) if isinstance(self._metric, str) else None
+        best = self.__dict__.setdefault("_best", {}).get(trial_id)
+        if v is not None and (best is None or (v > best if self._mode == "max" else v < best)):
+            self._best[trial_id] = v
         try:
             super().on_trial_result(trial_id, result)
         except Exception as exc:  # noqa: BLE001 - NaN metric, storage hiccup
@@ -292,6 +302,10 @@ class StudyOptunaSearch(OptunaSearch):
             reason = STOP_CANCELLED if epochs == 0 else STOP_ERROR
             return TrialState.FAIL, None, reason, epochs
         reason = classify_stop(epochs, target)
+        if reason == STOP_COMPLETED and getattr(self, "_selection", "last") == "best":
+            best = self.__dict__.get("_best", {}).get(trial_id)
+            if best is not None and (best > value if self._mode == "max" else best < value):
+                value = best  # objective.selection=best: the best epoch's value, like the checkpoint registered
         return STATE_FOR_REASON[reason], value, reason, epochs
 
     def finalize(self, trial_id: str, result: dict | None, reason: str = STOP_CANCELLED) -> bool:
@@ -376,6 +390,7 @@ class StudyOptunaSearch(OptunaSearch):
         self.__dict__.update(live)
         self.__dict__.setdefault("_target", {})
         self.__dict__.setdefault("_retries", {})
+        self.__dict__.setdefault("_best", {})
         self.__dict__.setdefault("error_reason", None)
         # the pickled study/storage point at the URL of the run that saved them; use the live storage
         self._ot_study = optuna.load_study(

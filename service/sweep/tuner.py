@@ -107,11 +107,15 @@ def make_trainable(p: JobPayload):
 
 
 def build_tuner(p: JobPayload, *, exp_path: str, restoring: bool, search_alg: Any, scheduler: Any,
-                callbacks: list, num_trials: int, echo: Callable[[str], None]):
-    """The study's ``Tuner``: restored from ``exp_path`` when ``restoring``, else a fresh one."""
+                callbacks: list, num_trials: int, echo: Callable[[str], None], name: str | None = None,
+                selection: str | None = None):
+    """The study's ``Tuner``: restored from ``exp_path`` when ``restoring``, else a fresh one, named
+    ``name`` (default: the study id; the confirmation stage runs its own experiment). Tune keeps the
+    checkpoints that ``objective.selection`` picks: the best by the objective, or the latest."""
     from ray import tune
 
     spec = p.study_spec
+    by_best = (selection or spec.objective.selection) == "best"
     tune_config = tune.TuneConfig(
         metric=spec.objective.metric,
         mode=spec.objective.mode,
@@ -139,14 +143,14 @@ def build_tuner(p: JobPayload, *, exp_path: str, restoring: bool, search_alg: An
         param_space=p.trial_defaults,
         tune_config=tune_config,
         run_config=tune.RunConfig(
-            name=p.study_id,
+            name=name or p.study_id,
             storage_path=p.tune_storage,
             callbacks=callbacks,
             failure_config=failure_config,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=CHECKPOINTS_TO_KEEP,
-                checkpoint_score_attribute=spec.objective.metric,
-                checkpoint_score_order=spec.objective.mode,
+                checkpoint_score_attribute=spec.objective.metric if by_best else "training_iteration",
+                checkpoint_score_order=spec.objective.mode if by_best else "max",
             ),
             verbose=0,  # our StudyMonitor prints one line per trial event
         ),

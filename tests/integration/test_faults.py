@@ -158,7 +158,7 @@ def check_accounting(stack: Stack, api: httpx.Client, sid: str, *, finished: int
             assert math.isclose(hist[-1].value, t.value, rel_tol=1e-9), (t.number, hist[-1].value, t.value)
             arts = artifact_paths(client, run.info.run_id, "checkpoints")
             assert {f"checkpoints/epoch_{e:03d}/checkpoint.pt" for e in range(1, epochs + 1)} <= arts, arts
-            assert t.user_attrs["checkpoint_uri"].endswith(f"/checkpoints/epoch_{t.user_attrs['best_epoch']:03d}")
+            assert t.user_attrs["checkpoint_uri"].endswith(f"/checkpoints/epoch_{t.user_attrs['epochs_done']:03d}")
         elif t in errors:
             assert run is not None and (run.info.status, run.data.tags.get("stop_reason")) == ("FAILED", "error")
         elif run is not None:  # an orphan that had started its run

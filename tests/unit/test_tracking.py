@@ -169,7 +169,8 @@ def test_completed_trial_run(exp, tmp_path):
     assert a["checkpoint_uri"].startswith(run.info.artifact_uri)
     # parent: best_so_far after the first finished trial
     parent_hist = exp.client.get_metric_history(exp.parent, "best_so_far")
-    assert [(m.step, m.value) for m in parent_hist] == [(1, 0.7)]
+    # (objective.selection=best, the callback's default: the best epoch's value, like its checkpoint)
+    assert [(m.step, m.value) for m in parent_hist] == [(1, 0.8)]
 
 
 def test_early_stopped_error_and_cancelled(exp, tmp_path):
@@ -358,7 +359,7 @@ def test_mlflow_outage_queues_everything_and_sends_it_in_order_when_back(exp, tm
     assert {f"checkpoints/epoch_{e:03d}/checkpoint.pt" for e in (1, 2, 3)} <= arts
     assert {"checkpoints/epoch_002/weights_hist_epoch002.png", "plots/weights_hist_epoch002.png"} <= arts
     assert not list((tmp_path / "spool").rglob("*.pt"))  # spooled copies removed once uploaded
-    assert [(m.step, m.value) for m in exp.client.get_metric_history(exp.parent, "best_so_far")] == [(1, 0.6)]
+    assert [(m.step, m.value) for m in exp.client.get_metric_history(exp.parent, "best_so_far")] == [(1, 0.7)]
     assert len(child_runs(exp, trial.trial_id)) == 1
 
 

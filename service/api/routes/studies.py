@@ -12,6 +12,7 @@ from service.api.errors import ApiError
 from service.api.schemas import (
     ERROR_RESPONSES,
     BestTrial,
+    Confirmation,
     Links,
     ResumeRequest,
     StudiesPublic,
@@ -137,12 +138,12 @@ def study_summary(service: StudyService, row: Study) -> StudySummary:
     )
 
 
-def best_trial(view: StudyView, mode: str) -> BestTrial | None:
+def best_trial(view: StudyView, mode: str, selection: str = "best") -> BestTrial | None:
     t = view.best(mode)
     if t is None:
         return None
     a = t.user_attrs
-    epoch = a.get("best_epoch", a.get("epochs_done"))
+    epoch = a.get("best_epoch", a.get("epochs_done")) if selection == "best" else a.get("epochs_done", a.get("best_epoch"))
     return BestTrial(
         number=t.number,
         params=t.params,
@@ -156,7 +157,7 @@ def best_trial(view: StudyView, mode: str) -> BestTrial | None:
 
 def study_public(service: StudyService, row: Study) -> StudyPublic:
     spec = row.spec
-    objective = {"metric": "val_acc", "mode": "max", **(spec.get("objective") or {})}
+    objective = {"metric": "val_acc", "mode": "max", "selection": "last", **(spec.get("objective") or {})}
     view = service.optuna_view(row.id)
     return StudyPublic(
         **study_summary(service, row).model_dump(),
@@ -167,12 +168,24 @@ def study_public(service: StudyService, row: Study) -> StudyPublic:
         started_at=row.started_at,
         objective=objective,
         trial_counts=TrialCounts(**view.counts()),
-        best_trial=best_trial(view, objective["mode"]),
+        best_trial=best_trial(view, objective["mode"], objective["selection"]),
         registered_model=view.user_attrs.get("registered_model"),
         mlflow_experiment_id=row.mlflow_experiment_id,
         mlflow_parent_run_id=row.mlflow_parent_run_id,
         spec=spec,
+        confirmation=confirmation(view),
     )
+
+
+def confirmation(view: StudyView) -> Confirmation | None:
+    """The driver's confirmation summary (Optuna study user attr ``confirmation``), if any."""
+    raw = view.user_attrs.get("confirmation")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return Confirmation.model_validate(raw)
+    except ValueError:  # pydantic ValidationError: a summary of another version; never a 500
+        return None
 
 
 def _num(v: object) -> float | None:
