@@ -78,6 +78,28 @@ class Budget(_Strict):
     max_failed_trials: int = Field(3, ge=0, description="fail the study after more failed trials than this")
 
 
+#: ``checkpoints.keep``: what Tune keeps per trial in its storage (the latest is always kept: resume).
+CHECKPOINT_KEEP = ("best_and_last", "last", "all")
+#: ``checkpoints.upload``: which epochs' checkpoints a trial's MLflow run gets.
+CHECKPOINT_UPLOAD = ("best_and_last", "improved", "all", "none")
+
+
+class Checkpoints(_Strict):
+    """Checkpoint retention per trial (docs/contracts.md, "Checkpoint retention").
+
+    ``keep`` (Tune's storage): ``best_and_last`` = the best epoch by the objective plus the latest
+    (Tune's ``num_to_keep=1`` with the objective as score; the latest is what a resume continues from),
+    ``last`` = only the latest, ``all`` = every epoch.
+    ``upload`` (MLflow): ``best_and_last`` = a run holds at most two checkpoints, its best epoch's and its
+    last epoch's (a superseded best is deleted from the run once the new best is uploaded; epochs with
+    a histogram plot upload the plot only), ``improved`` = every improving epoch, the final one and plot
+    epochs, ``all`` = every epoch, ``none``.
+    """
+
+    keep: Literal["best_and_last", "last", "all"] = "best_and_last"
+    upload: Literal["best_and_last", "improved", "all", "none"] = "best_and_last"
+
+
 #: Ray's own resource names: a StudySpec sets them through cpus_per_trial / gpus_per_trial, never `custom`.
 RAY_RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
@@ -148,6 +170,7 @@ class StudySpec(_Strict):
     scheduler: Scheduler = Field(default_factory=Scheduler)
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
+    checkpoints: Checkpoints = Field(default_factory=Checkpoints)
 
     _space: Any = PrivateAttr(default=None)  # the loaded search_spaces.SearchSpace
 

@@ -272,7 +272,8 @@ class StudyDriver:
             mode=mode,
             default_epochs=DEFAULT_EPOCHS,
             max_t=p.max_t,
-            upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD", "all"),
+            # the StudySpec's checkpoints.upload; $BONN_SWEEP_CHECKPOINT_UPLOAD (older setups) overrides it
+            upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD") or spec.checkpoints.upload,
             optuna_link=searcher,
             echo=echo,
             # checkpoints wait here while MLflow is unreachable (a restored sweep finds them again)

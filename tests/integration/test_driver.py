@@ -133,14 +133,20 @@ def test_digits_study_asha_end_to_end(cluster, jobs):
         hist = client.get_metric_history(r.info.run_id, "val_acc")
         assert sorted(m.step for m in hist) == list(range(1, t.user_attrs["epochs_done"] + 1))
         arts = artifact_paths(client, r.info.run_id)
-        for e in range(1, t.user_attrs["epochs_done"] + 1):
-            assert f"checkpoints/epoch_{e:03d}/checkpoint.pt" in arts
+        # checkpoints.upload's default best_and_last: the run keeps its best and its last epoch only
+        kept = {p.split("/")[1] for p in arts if p.startswith("checkpoints/") and p.endswith("checkpoint.pt")}
+        assert kept == {f"epoch_{e:03d}" for e in (t.user_attrs["best_epoch"], t.user_attrs["epochs_done"])}, kept
         assert "plots/weights_hist_epoch000.png" in arts  # the initial-weights plot rides with epoch 1
     parent = client.get_run(payload["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "SUCCEEDED"
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
     assert parent.data.tags["registered_model"] == ref
     assert client.get_metric_history(payload["parent_run_id"], "best_so_far")
+
+    # -- Tune storage: checkpoints.keep's default best_and_last keeps at most two per trial ---------
+    exp = Path(payload["tune_storage"]) / payload["study_id"]
+    for trial_dir in (d for d in exp.iterdir() if d.is_dir() and d.name.startswith("train_bonn_")):
+        assert 1 <= len(list(trial_dir.glob("checkpoint_*"))) <= 2, sorted(trial_dir.iterdir())
 
     # -- Model Registry: the best trial's model loads and predicts ----------------------------------
     mv = client.get_model_version(name, version)

@@ -119,3 +119,32 @@ def test_bad_spec(case: str, body: dict, loc: tuple, msg: str) -> None:
 def test_fractional_gpus_allowed() -> None:
     spec = StudySpec.model_validate(with_(resources={"cpus_per_trial": 0.5, "gpus_per_trial": 0.25}))
     assert spec.resources.gpus_per_trial == 0.25
+
+
+def test_checkpoint_retention_defaults_and_422() -> None:
+    spec = StudySpec.model_validate(with_())
+    assert (spec.checkpoints.keep, spec.checkpoints.upload) == ("best_and_last", "best_and_last")
+    for body, loc in ((with_(checkpoints={"keep": "best"}), ("checkpoints", "keep")),
+                      (with_(checkpoints={"upload": "some"}), ("checkpoints", "upload")),
+                      (with_(checkpoints={"kep": "all"}), ("checkpoints", "kep"))):
+        with pytest.raises(ValidationError) as info:
+            StudySpec.model_validate(body)
+        assert any(tuple(e["loc"][:2]) == loc for e in info.value.errors()), info.value.errors()
+
+
+def test_checkpoint_config_for_tune() -> None:
+    pytest.importorskip("ray.tune")
+    from service.core.payload import JobPayload
+    from service.sweep.tuner import checkpoint_config
+
+    def cfg(**ck):
+        p = JobPayload.build(study_id="s", spec=StudySpec.model_validate(with_(checkpoints=ck)), num_trials=1,
+                             mlflow_tracking_uri="sqlite:///x.db", experiment_id="1", parent_run_id="r",
+                             optuna_storage="sqlite:///o.db", tune_storage="/tmp/t", resume=False)
+        return checkpoint_config(p)
+
+    c = cfg()
+    assert (c.num_to_keep, c.checkpoint_score_attribute, c.checkpoint_score_order) == (1, "val_acc", "max")
+    assert cfg(keep="all").num_to_keep is None
+    c = cfg(keep="last")
+    assert (c.num_to_keep, c.checkpoint_score_attribute) == (1, None)
