@@ -54,13 +54,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+#: Metrics a further objective (``objective.also``) may name: the per-epoch metrics above and the
+#: epoch's wall time (a trial's cost; every epoch of a trial has the same work).
+AlsoMetric = Literal[ObjectiveMetric, "epoch_time_s"]
+MAX_EXTRA_OBJECTIVES = 2
+
+
+class ObjectiveTerm(_Strict):
+    """One further objective of a multi-objective study."""
+
+    metric: AlsoMetric = Field(description="per-epoch metric reported by the trial (its last epoch's value)")
+    mode: Literal["max", "min"]
+
+
 class Objective(_Strict):
+    """``metric``/``mode``: the (primary) objective. ``also``: further objectives; with them the study is
+    multi-objective -- Optuna searches the Pareto front of (metric, *also) with a multi-objective sampler
+    (tpe, gp, random, nsga2, grid), each trial's last-epoch values are its objective values, and the
+    primary objective still ranks checkpoints and picks the registered model among the Pareto-optimal
+    trials. ASHA cannot rank trials on several objectives: without an explicit ``scheduler`` such a
+    study runs FIFO, an explicit ``scheduler: {type: asha}`` is a 422."""
+
     metric: ObjectiveMetric = Field("val_acc", description="per-epoch metric reported by the trial")
     mode: Literal["max", "min"] = "max"
+    also: list[ObjectiveTerm] = Field(
+        default_factory=list, max_length=MAX_EXTRA_OBJECTIVES,
+        description="further objectives (multi-objective study), e.g. [{metric: epoch_time_s, mode: min}]")
+
+    @field_validator("also")
+    @classmethod
+    def _distinct(cls, v: list[ObjectiveTerm], info) -> list[ObjectiveTerm]:
+        seen = {info.data.get("metric")}
+        for i, term in enumerate(v):
+            if term.metric in seen:
+                raise ValueError(f"also[{i}].metric {term.metric!r} is already an objective of this study")
+            seen.add(term.metric)
+        return v
+
+    @property
+    def multi(self) -> bool:
+        return bool(self.also)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric, *(t.metric for t in self.also)]
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode, *(t.mode for t in self.also)]
+
+
+#: samplers that search a multi-objective study (objective.also)
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "gp", "random", "nsga2", "grid")
 
 
 class Sampler(_Strict):
-    type: Literal["tpe", "gp", "cmaes", "random", "grid"] = "tpe"
+    type: Literal["tpe", "gp", "cmaes", "random", "grid", "nsga2"] = "tpe"
     seed: int | None = Field(None, description="sampler seed; null = nondeterministic")
 
 
@@ -290,6 +339,23 @@ class StudySpec(_Strict):
                         )
                     ],
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _multi_objective(self) -> StudySpec:
+        """A multi-objective study: a sampler that can search it, and no ASHA (FIFO unless said otherwise)."""
+        if not self.objective.multi:
+            return self
+        if self.sampler.type not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ValidationError.from_exception_data("StudySpec", [_custom(
+                ("sampler", "type"), f"sampler {self.sampler.type!r} cannot search several objectives "
+                f"(objective.also); use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}", self.sampler.type)])
+        if "scheduler" not in self.model_fields_set:
+            self.scheduler = Scheduler(type="fifo")
+        elif self.scheduler.type == "asha":
+            raise ValidationError.from_exception_data("StudySpec", [_custom(
+                ("scheduler", "type"), "ASHA stops trials by one metric and cannot rank them on several "
+                "objectives (objective.also): use scheduler {type: fifo}", "asha")])
         return self
 
     # -- helpers used by the API and the driver ------------------------------------------------------

@@ -63,6 +63,7 @@ class Stack:
     started_at: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     worker_temp_dirs: dict[str, str] = field(default_factory=dict)  # extra Ray nodes (start_ray_worker)
+    optuna_dashboard_port: int | None = None  # service/launch/optuna_dashboard.py (None: not started)
 
     # -- addresses --------------------------------------------------------------------------------
     @property
@@ -81,6 +82,10 @@ class Stack:
     @property
     def mlflow_uri(self) -> str:
         return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def optuna_dashboard_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.optuna_dashboard_port}" if self.optuna_dashboard_port else None
 
     @property
     def home_path(self) -> Path:
@@ -104,6 +109,8 @@ class Stack:
             "BONN_SWEEP_RAY_DASHBOARD_URL": self.ray_dashboard_url,
             "BONN_SWEEP_DRIVER_PYTHON": sys.executable,
         }
+        if self.optuna_dashboard_port and "optuna_dashboard" in self.procs:
+            env["BONN_SWEEP_OPTUNA_DASHBOARD_URL"] = self.optuna_dashboard_url or ""
         if self.api_port:
             env["BONN_SWEEP_API_PORT"] = str(self.api_port)
             env["BONN_SWEEP_API_HOST"] = "127.0.0.1"

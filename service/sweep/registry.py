@@ -94,7 +94,7 @@ def register_best(p: JobPayload, client: Any, study, best, echo: Callable[[str],
         "study_id": p.study_id,
         "optuna_trial": best.number,
         "tune_trial_id": best.user_attrs.get("tune_trial_id", ""),
-        "objective": f"{p.study_spec.objective.metric}={best.value}",
+        "objective": f"{p.study_spec.objective.metric}={best.values[0]}",
         "best_epoch": best.user_attrs.get("best_epoch", ""),
         "checkpoint_uri": best.user_attrs.get("checkpoint_uri", ""),
     }.items():

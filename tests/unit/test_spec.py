@@ -148,3 +148,32 @@ def test_checkpoint_config_for_tune() -> None:
     assert cfg(keep="all").num_to_keep is None
     c = cfg(keep="last")
     assert (c.num_to_keep, c.checkpoint_score_attribute) == (1, None)
+
+
+MO = {"metric": "val_acc", "mode": "max", "also": [{"metric": "epoch_time_s", "mode": "min"}]}
+
+
+def test_multi_objective_spec_runs_fifo_and_names_its_objectives() -> None:
+    spec = StudySpec.model_validate(with_(objective=MO))
+    assert spec.objective.multi and spec.objective.metrics == ["val_acc", "epoch_time_s"]
+    assert spec.objective.modes == ["max", "min"] and spec.scheduler.type == "fifo"
+    assert StudySpec.model_validate(spec.to_job_spec()).scheduler.type == "fifo"  # the driver's view
+    assert not StudySpec.model_validate(with_()).objective.multi
+    assert StudySpec.model_validate(with_(objective=MO, sampler={"type": "nsga2", "seed": 1})).sampler.type == "nsga2"
+
+
+@pytest.mark.parametrize("body, loc, msg", [
+    (with_(objective=MO, scheduler={"type": "asha"}), ("scheduler", "type"), "cannot rank them on several"),
+    (with_(objective=MO, sampler={"type": "cmaes"}), ("sampler", "type"), "cannot search several objectives"),
+    (with_(objective={**MO, "also": [{"metric": "val_acc", "mode": "min"}]}), ("objective", "also"), "already"),
+    (with_(objective={**MO, "also": [{"metric": "test_acc", "mode": "min"}]}), ("objective", "also", 0, "metric"),
+     "epoch_time_s"),
+    (with_(objective={**MO, "also": [{"metric": "epoch_time_s"}]}), ("objective", "also", 0, "mode"), "required"),
+    (with_(objective={**MO, "also": [{"metric": m, "mode": "min"} for m in ("epoch_time_s", "val_loss", "train_loss")]}),
+     ("objective", "also"), "at most 2"),
+])
+def test_bad_multi_objective_specs_name_the_field(body: dict, loc: tuple, msg: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(body)
+    hits = [e for e in info.value.errors() if tuple(e["loc"][: len(loc)]) == loc]
+    assert hits and msg in " ".join(e["msg"] for e in hits), info.value.errors()
