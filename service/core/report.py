@@ -170,7 +170,8 @@ def render_html(report: dict[str, Any]) -> str:
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>status <b>{_fmt(s.get('status'))}</b>, objective <b>{_fmt(report['objective'].get('metric'))}</b> "
-        f"({_fmt(report['objective'].get('mode'))}); trials {_fmt(report.get('trial_counts'))}; "
+        f"({_fmt(report['objective'].get('mode'))}); trials "
+        + html.escape(", ".join(f"{k} {v}" for k, v in (report.get("trial_counts") or {}).items()) or "-") + "; "
         f"registered model {_fmt(s.get('registered_model'))}; generated {_fmt(report.get('generated_at'))}</p>",
         "<h2>Links</h2>", _links(report.get("links") or {}),
         "<h2>Best trial and the paper's warm-start point</h2>", _best_vs_warm(report),

@@ -124,6 +124,7 @@ def _mark_pruned_mpl(ax, pruned: dict[int, tuple[int, float]]) -> None:
     for line in ax.get_lines():
         if _trial_number(line.get_label()) in pruned:
             line.set_linestyle(":")
+            line.set_label(f"{line.get_label()} (pruned)")
     if pruned:
         ax.scatter([s for s, _ in pruned.values()], [v for _, v in pruned.values()], marker="x", s=60,
                    color="#d62728", zorder=5, label="pruned (ASHA)")
