@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from service.api.backends import MlflowGateway, OptunaReader
 from service.api.errors import install_error_handlers
-from service.api.routes import health, studies
+from service.api.routes import health, report, studies
 from service.api.security import KeyProvider, SecurityMiddleware, patch_openapi
 from service.api.study_service import ReconcileLoop, StudyService
 from service.core.jobs import RayJobsClient
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True, warm
     app.state.keys = keys
     install_error_handlers(app)
     app.include_router(studies.router)
+    app.include_router(report.router)
     app.include_router(health.router)
     app.add_middleware(SecurityMiddleware, settings=settings, keys=keys)
 

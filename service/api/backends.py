@@ -123,6 +123,7 @@ class TrialView:
     user_attrs: dict[str, Any]
     datetime_start: datetime | None
     datetime_complete: datetime | None
+    values: list[float] | None = None  # a multi-objective trial's values (value = values[0])
 
     @property
     def duration_s(self) -> float | None:
@@ -136,6 +137,7 @@ class StudyView:
     exists: bool
     trials: list[TrialView] = field(default_factory=list)
     user_attrs: dict[str, Any] = field(default_factory=dict)
+    optuna_study_id: int | None = None  # the storage's numeric id (optuna-dashboard's URLs use it)
 
     def counts(self) -> dict[str, int]:
         c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
@@ -186,15 +188,30 @@ class OptunaReader:
             TrialView(
                 number=t.number,
                 state=t.state.name,
-                value=t.value if t.values is not None and len(t.values) == 1 else None,
+                value=t.values[0] if t.values else None,  # multi-objective: the primary objective
                 params=dict(t.params),
                 user_attrs=dict(t.user_attrs),
                 datetime_start=_utc(t.datetime_start),
                 datetime_complete=_utc(t.datetime_complete),
+                values=list(t.values) if t.values is not None and len(t.values) > 1 else None,
             )
             for t in st.get_all_trials(sid, deepcopy=False)
         ]
-        return StudyView(exists=True, trials=trials, user_attrs=dict(st.get_study_user_attrs(sid)))
+        return StudyView(exists=True, trials=trials, user_attrs=dict(st.get_study_user_attrs(sid)), optuna_study_id=sid)
+
+
+def pareto_front(trials: list[TrialView], modes: list[str]) -> list[TrialView]:
+    """The complete trials no other complete trial dominates (better or equal in every objective,
+    better in one), by number."""
+    done = [t for t in trials if t.state == "COMPLETE" and t.values and len(t.values) == len(modes)]
+    sign = [1.0 if m == "max" else -1.0 for m in modes]
+
+    def dominates(a: TrialView, b: TrialView) -> bool:
+        pa = [s * v for s, v in zip(sign, a.values or [])]
+        pb = [s * v for s, v in zip(sign, b.values or [])]
+        return all(x >= y for x, y in zip(pa, pb)) and any(x > y for x, y in zip(pa, pb))
+
+    return sorted((t for t in done if not any(dominates(o, t) for o in done)), key=lambda t: t.number)
 
 
 def _utc(dt: datetime | None) -> datetime | None:

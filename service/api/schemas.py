@@ -22,6 +22,7 @@ class Links(BaseModel):
     mlflow_run: str | None = Field(None, description="MLflow UI page of the study's parent run")
     mlflow_experiment: str | None = None
     ray_job: str | None = Field(None, description="Ray dashboard page of the study's current job")
+    optuna_dashboard: str | None = Field(None, description="optuna-dashboard page of the study (when one is set up)")
 
 
 class TrialCounts(BaseModel):
@@ -111,7 +112,7 @@ class StudyPublic(StudySummary):
     resume_count: int = 0
     submitted_at: datetime | None = None
     started_at: datetime | None = None
-    objective: dict[str, str]
+    objective: dict[str, Any] = Field(description="metric, mode (the primary objective) and `also` (further ones)")
     trial_counts: TrialCounts
     best_trial: BestTrial | None = None
     registered_model: Any | None = None
@@ -119,6 +120,8 @@ class StudyPublic(StudySummary):
     mlflow_parent_run_id: str | None = None
     spec: dict[str, Any]
     confirmation: Confirmation | None = Field(None, description="the confirmation stage (StudySpec `confirm`)")
+    pareto_front: list[dict[str, Any]] | None = Field(
+        None, description="multi-objective study: its Pareto-optimal complete trials ({number, values, params})")
 
 
 class StudiesPublic(BaseModel):
@@ -148,6 +151,8 @@ class TrialPublic(BaseModel):
     datetime_start: datetime | None = None
     datetime_complete: datetime | None = None
     duration_s: float | None = None
+    values: list[float] | None = Field(None, description="multi-objective study: every objective's value "
+                                                         "(`value` is the primary one)")
 
 
 class TrialsPublic(BaseModel):

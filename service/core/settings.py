@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     driver_python: str = Field(sys.executable, description="python on the cluster that runs `-m service.sweep.driver`")
     job_stop_wait_s: int = Field(60, description="RAY_JOB_STOP_WAIT_TIME_S: grace time after SIGINT")
     driver_num_cpus: float = Field(0, ge=0, description="CPUs reserved for the driver process itself")
+    optuna_dashboard_url: str | None = Field(
+        None, description="browser URL of optuna-dashboard on the Optuna storage (linked from each study)")
 
     # API
     api_host: str = "127.0.0.1"

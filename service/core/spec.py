@@ -54,7 +54,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+#: Metrics a further objective (``objective.also``) may name: the per-epoch metrics above and the
+#: epoch's wall time (a trial's cost; every epoch of a trial has the same work).
+AlsoMetric = Literal[ObjectiveMetric, "epoch_time_s"]
+MAX_EXTRA_OBJECTIVES = 2
+
+
+class ObjectiveTerm(_Strict):
+    """One further objective of a multi-objective study."""
+
+    metric: AlsoMetric = Field(description="per-epoch metric reported by the trial (its last epoch's value)")
+    mode: Literal["max", "min"]
+
+
 class Objective(_Strict):
+    """``metric``/``mode``: the (primary) objective. ``also``: further objectives; with them the study is
+    multi-objective -- Optuna searches the Pareto front of (metric, *also) with a multi-objective sampler
+    (tpe, gp, random, nsga2, grid), each trial's last-epoch values are its objective values, and the
+    primary objective still ranks checkpoints and picks the registered model among the Pareto-optimal
+    trials. ASHA cannot rank trials on several objectives: without an explicit ``scheduler`` such a
+    study runs FIFO, an explicit ``scheduler: {type: asha}`` is a 422."""
+
     metric: ObjectiveMetric = Field("val_acc", description="per-epoch metric reported by the trial")
     mode: Literal["max", "min"] = "max"
     selection: Literal["last", "best"] = Field(
@@ -62,10 +82,39 @@ class Objective(_Strict):
         description="which epoch of a trial counts: `last` = its last epoch's value is told to Optuna and that "
                     "epoch's checkpoint is registered; `best` = its best epoch's value and checkpoint",
     )
+    also: list[ObjectiveTerm] = Field(
+        default_factory=list, max_length=MAX_EXTRA_OBJECTIVES,
+        description="further objectives (multi-objective study), e.g. [{metric: epoch_time_s, mode: min}]")
+
+    @field_validator("also")
+    @classmethod
+    def _distinct(cls, v: list[ObjectiveTerm], info) -> list[ObjectiveTerm]:
+        seen = {info.data.get("metric")}
+        for i, term in enumerate(v):
+            if term.metric in seen:
+                raise ValueError(f"also[{i}].metric {term.metric!r} is already an objective of this study")
+            seen.add(term.metric)
+        return v
+
+    @property
+    def multi(self) -> bool:
+        return bool(self.also)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric, *(t.metric for t in self.also)]
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode, *(t.mode for t in self.also)]
+
+
+#: samplers that search a multi-objective study (objective.also)
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "gp", "random", "nsga2", "grid")
 
 
 class Sampler(_Strict):
-    type: Literal["tpe", "gp", "cmaes", "random", "grid"] = "tpe"
+    type: Literal["tpe", "gp", "cmaes", "random", "grid", "nsga2"] = "tpe"
     seed: int | None = Field(None, description="sampler seed; null = nondeterministic")
 
 
@@ -92,6 +141,26 @@ class Confirm(_Strict):
     top_k: int = Field(1, ge=1, le=10, description="how many of the search's best configurations to confirm")
     epochs: int | None = Field(None, ge=1, description="epochs of a confirmation run; null = the trial's epochs")
     reference: bool = Field(True, description="also confirm the search space's first warm-start point")
+#: ``checkpoints.keep``: what Tune keeps per trial in its storage (the latest is always kept: resume).
+CHECKPOINT_KEEP = ("best_and_last", "last", "all")
+#: ``checkpoints.upload``: which epochs' checkpoints a trial's MLflow run gets.
+CHECKPOINT_UPLOAD = ("best_and_last", "improved", "all", "none")
+
+
+class Checkpoints(_Strict):
+    """Checkpoint retention per trial (docs/contracts.md, "Checkpoint retention").
+
+    ``keep`` (Tune's storage): ``best_and_last`` = the best epoch by the objective plus the latest
+    (Tune's ``num_to_keep=1`` with the objective as score; the latest is what a resume continues from),
+    ``last`` = only the latest, ``all`` = every epoch.
+    ``upload`` (MLflow): ``best_and_last`` = a run holds at most two checkpoints, its best epoch's and its
+    last epoch's (a superseded best is deleted from the run once the new best is uploaded; epochs with
+    a histogram plot upload the plot only), ``improved`` = every improving epoch, the final one and plot
+    epochs, ``all`` = every epoch, ``none``.
+    """
+
+    keep: Literal["best_and_last", "last", "all"] = "best_and_last"
+    upload: Literal["best_and_last", "improved", "all", "none"] = "best_and_last"
 
 
 #: Ray's own resource names: a StudySpec sets them through cpus_per_trial / gpus_per_trial, never `custom`.
@@ -166,6 +235,7 @@ class StudySpec(_Strict):
     resources: Resources = Field(default_factory=Resources)
     confirm: Confirm | None = Field(
         None, description="the confirmation stage; null (default) = off, {} = on with its defaults")
+    checkpoints: Checkpoints = Field(default_factory=Checkpoints)
 
     _space: Any = PrivateAttr(default=None)  # the loaded search_spaces.SearchSpace
 
@@ -291,6 +361,23 @@ class StudySpec(_Strict):
                 [_custom(("confirm", "top_k"), f"top_k={self.confirm.top_k} > budget.num_trials="
                          f"{self.budget.num_trials}", self.confirm.top_k)],
             )
+        return self
+
+    @model_validator(mode="after")
+    def _multi_objective(self) -> StudySpec:
+        """A multi-objective study: a sampler that can search it, and no ASHA (FIFO unless said otherwise)."""
+        if not self.objective.multi:
+            return self
+        if self.sampler.type not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ValidationError.from_exception_data("StudySpec", [_custom(
+                ("sampler", "type"), f"sampler {self.sampler.type!r} cannot search several objectives "
+                f"(objective.also); use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}", self.sampler.type)])
+        if "scheduler" not in self.model_fields_set:
+            self.scheduler = Scheduler(type="fifo")
+        elif self.scheduler.type == "asha":
+            raise ValidationError.from_exception_data("StudySpec", [_custom(
+                ("scheduler", "type"), "ASHA stops trials by one metric and cannot rank them on several "
+                "objectives (objective.also): use scheduler {type: fifo}", "asha")])
         return self
 
     # -- helpers used by the API and the driver ------------------------------------------------------

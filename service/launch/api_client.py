@@ -29,6 +29,10 @@ class Api:
         self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
+        return self.response(method, path, **kw).json()
+
+    def response(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """The answer itself (``request`` is its JSON body); any failure is a :class:`CliError`."""
         try:
             r = self._http.request(method, path, **kw)
         except httpx.ConnectError:
@@ -41,7 +45,7 @@ class Api:
                 lines.append("set BONN_SWEEP_API_KEY to a key of this API (`bonn-sweep keys create` on its machine); "
                              "the local stack's key is in <home>/api-key")
             raise CliError(*lines)
-        return r.json()
+        return r
 
 
 def home_of(args: argparse.Namespace) -> Path:

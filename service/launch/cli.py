@@ -4,6 +4,7 @@
     bonn-sweep demo                    # up if needed, POST a digits study, live progress, best trial
     bonn-sweep studies create study.yaml | --preset digits-smoke [--name N] [--trials 8] [--set epochs=4]
     bonn-sweep studies list | show ID | watch ID | cancel ID | resume ID [--trials N]
+    bonn-sweep studies report ID [--out DIR]
     bonn-sweep spaces list | show NAME | validate FILE ...
     bonn-sweep keys create [--name N] | list | revoke ID     # API keys (stored hashed in the study store)
     bonn-sweep down                    # stops exactly what `up` started (by pid)
@@ -25,6 +26,7 @@ from rich.markup import escape
 from service.launch.cli_errors import CliError
 from service.launch.display import err_console
 from service.launch.key_commands import cmd_keys_create, cmd_keys_list, cmd_keys_revoke
+from service.launch.report_commands import cmd_report
 from service.launch.stack_commands import cmd_demo, cmd_down, cmd_status, cmd_up
 from service.launch.study_commands import cmd_cancel, cmd_create, cmd_list, cmd_resume, cmd_show, cmd_watch
 
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         x = ss.add_parser(name, help=helptext)
         x.add_argument("id")
         x.set_defaults(fn=fn)
+    rep = ss.add_parser("report", help="the study report: one self-contained HTML page and its data as JSON")
+    rep.add_argument("id")
+    rep.add_argument("--out", help="folder for report-<id>.html and report-<id>.json (default: the current one)")
+    rep.set_defaults(fn=cmd_report)
     r = ss.add_parser("resume", help="continue a CANCELLED, FAILED or INTERRUPTED study")
     r.add_argument("id")
     r.add_argument("--trials", type=int, help="new total number of trials")

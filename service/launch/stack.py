@@ -39,6 +39,8 @@ from pathlib import Path
 from service.core.db import DatabaseUnavailable, DatabaseUrlError, derive_urls, ensure_databases, redact
 from service.launch.api_server import ensure_stack_key, start_api
 from service.launch.mlflow_server import mlflow_health_url, spawn_mlflow
+from service.launch.optuna_dashboard import available as optuna_dashboard_available
+from service.launch.optuna_dashboard import optuna_dashboard_health_url, spawn_optuna_dashboard
 from service.launch.ports import PortPicker
 from service.launch.processes import StackError, http_ok, stop_proc, wait_healthy
 from service.launch.ray_cluster import WORKER_NODE_PREFIX, ray_jobs_ready, ray_temp_dir_for, spawn_ray_head
@@ -56,8 +58,9 @@ def start_stack(
     log: Callable[[str], None] | None = None,
     extra_env: dict[str, str] | None = None,
     db_url: str | None = None,
+    with_optuna_dashboard: bool = True,
 ) -> Stack:
-    """Start Ray head + MLflow server (+ API) for ``home``; returns the running :class:`Stack`.
+    """Start Ray head + MLflow server (+ optuna-dashboard, + API) for ``home``; returns the running :class:`Stack`.
 
     If ``{home}/stack.json`` describes a stack whose processes are all alive, that stack is returned
     unchanged; a stale file is cleaned up (its leftovers stopped) first.
@@ -88,6 +91,8 @@ def start_stack(
     mlflow_port = ports.pick(5000)
     api_port = ports.pick(8000) if with_api else None
     gcs_port = ports.pick()
+    with_dashboard = with_optuna_dashboard and optuna_dashboard_available()
+    optuna_dashboard_port = ports.pick(8080) if with_dashboard else None
     temp_dir, temp_is_tmp = ray_temp_dir_for(home)
     temp_dir.mkdir(parents=True, exist_ok=True)
 
@@ -101,6 +106,7 @@ def start_stack(
         api_port=api_port,
         num_cpus=num_cpus or os.cpu_count() or 1,
         db_url=db_url or None,
+        optuna_dashboard_port=optuna_dashboard_port,
     )
     # The driver runs as a Ray job: server_env makes this source tree importable there even without `pip install -e`.
     base_env = server_env(extra_env)
@@ -122,6 +128,16 @@ def start_stack(
             + stack.timings["ray_s"], 2
         )
         say(f"MLflow up after {stack.timings['mlflow_s']:.1f}s")
+
+        # (b') optuna-dashboard on the study storage (before the API: the API links to it)
+        if with_dashboard:
+            popens["optuna_dashboard"] = spawn_optuna_dashboard(stack, base_env)
+            stack.timings["optuna_dashboard_s"] = round(wait_healthy(
+                "optuna-dashboard", http_ok(optuna_dashboard_health_url(stack)), stack.procs["optuna_dashboard"],
+                popens["optuna_dashboard"], timeout_s), 2)
+            say(f"optuna-dashboard up in {stack.timings['optuna_dashboard_s']:.1f}s (:{optuna_dashboard_port})")
+        elif with_optuna_dashboard:
+            say("optuna-dashboard is not installed: starting without it (pip install optuna-dashboard)")
 
         # (c) API, with a key for the local user
         if with_api:
@@ -171,7 +187,7 @@ def stop_stack(
         return []
     stopped = []
     workers = sorted(n for n in stack.procs if n.startswith(WORKER_NODE_PREFIX))
-    for name in ("api", *workers, "ray", "mlflow"):
+    for name in ("api", *workers, "ray", "optuna_dashboard", "mlflow"):
         proc = stack.procs.get(name)
         if proc is None or not proc.alive():
             continue

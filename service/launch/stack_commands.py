@@ -94,5 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console.print(f"checkpoint:    {best['checkpoint_uri']}", soft_wrap=True)
     console.print(f"MLflow:        {study['links'].get('mlflow_run')}", soft_wrap=True)
     console.print(f"Ray dashboard: {study['links'].get('ray_job')}", soft_wrap=True)
+    if study["links"].get("optuna_dashboard"):
+        console.print(f"Optuna dashboard: {study['links']['optuna_dashboard']}", soft_wrap=True)
     console.print("stop everything with: [bold]bonn-sweep down[/bold]" + (f" --home {home}" if args.home else ""))
     return rc

@@ -66,6 +66,7 @@ class Stack:
     #: ``--db``: one PostgreSQL server for the three stores (service/core/db.py); None: SQLite in home.
     #: It may hold a password: stack.json is then written mode 0600, and only :attr:`db_display` is printed.
     db_url: str | None = None
+    optuna_dashboard_port: int | None = None  # service/launch/optuna_dashboard.py (None: not started)
 
     # -- addresses --------------------------------------------------------------------------------
     @property
@@ -99,6 +100,10 @@ class Stack:
         return f"http://127.0.0.1:{self.mlflow_port}"
 
     @property
+    def optuna_dashboard_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.optuna_dashboard_port}" if self.optuna_dashboard_port else None
+
+    @property
     def home_path(self) -> Path:
         return Path(self.home)
 
@@ -122,6 +127,8 @@ class Stack:
         }
         if self.db_url:
             env["BONN_SWEEP_DB_URL"] = self.db_url
+        if self.optuna_dashboard_port and "optuna_dashboard" in self.procs:
+            env["BONN_SWEEP_OPTUNA_DASHBOARD_URL"] = self.optuna_dashboard_url or ""
         if self.api_port:
             env["BONN_SWEEP_API_PORT"] = str(self.api_port)
             env["BONN_SWEEP_API_HOST"] = "127.0.0.1"

@@ -245,7 +245,7 @@ def run_confirmation(driver: Any, study: optuna.Study, echo: Callable[[str], Non
         tracker = MLflowStudyCallback(
             tracking_uri=p.mlflow_tracking_uri, experiment_id=driver._experiment_id(),
             parent_run_id=p.parent_run_id, study_id=p.study_id, metric="val_acc", mode="max",
-            default_epochs=plan["epochs"], max_t=None, upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD", "all"),
+            default_epochs=plan["epochs"], max_t=None, upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD") or p.study_spec.checkpoints.upload,
             echo=echo, selection="last", stage=STAGE, trial_tags=tags,
             spool_dir=None if "://" in exp_path else os.path.join(exp_path, "mlflow-spool"),
         )
@@ -253,7 +253,7 @@ def run_confirmation(driver: Any, study: optuna.Study, echo: Callable[[str], Non
         recorder = ConfirmRecorder(study, searcher, tracker, plan, echo)
         tuner = build_tuner(p, exp_path=exp_path, restoring=tune.Tuner.can_restore(exp_path), search_alg=generator,
                             scheduler=FIFOScheduler(), callbacks=[tracker, recorder], num_trials=len(entries),
-                            echo=echo, name=name, selection="last")
+                            echo=echo, name=name)
         driver._catch_cancel()
         try:
             tuner.fit()

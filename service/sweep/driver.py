@@ -104,10 +104,12 @@ class Search:
     scheduler: Any  # ASHA | FIFO
     tracker: Any  # service.sweep.mlflow_callback.MLflowStudyCallback
     monitor: StudyMonitor
+    analysis: Any = None  # service.sweep.analysis.AnalysisCallback (stateless: appended last)
 
     @property
     def callbacks(self) -> list:
-        return [self.tracker, self.monitor]  # order matters: callback states are restored by position
+        # order matters: callback states are restored by position
+        return [self.tracker, self.monitor] + ([self.analysis] if self.analysis is not None else [])
 
 
 class StudyDriver:
@@ -117,6 +119,7 @@ class StudyDriver:
         self.cancel_requested = False
         self.t_start = time.monotonic()
         self.tracker = None  # the MLflow callback, once built
+        self.analysis = None  # service.sweep.analysis.StudyAnalysis, once built
 
     @property
     def client(self):
@@ -260,8 +263,9 @@ class StudyDriver:
         metric, mode = spec.objective.metric, spec.objective.mode
         searcher = StudyOptunaSearch(
             DefineByRun(spec.space, drop_keys=p.trial_defaults.keys()),
-            metric=metric,
-            mode=mode,
+            # a multi-objective study (objective.also): Optuna gets every objective, the rest the primary one
+            metric=spec.objective.metrics if spec.objective.multi else metric,
+            mode=spec.objective.modes if spec.objective.multi else mode,
             sampler=build_sampler(spec.sampler.type, spec.sampler.seed, grid),
             storage=storage,
             study_name=p.study_id,
@@ -272,6 +276,9 @@ class StudyDriver:
             echo=echo,
             selection=spec.objective.selection,
         )
+        if spec.objective.multi:  # the objectives' names, for plots and optuna-dashboard
+            searcher.study.set_user_attr("objective_names", spec.objective.metrics)
+            searcher.study.set_metric_names(spec.objective.metrics)
         limiter = StudyConcurrencyLimiter(searcher, max_concurrent=int(spec.budget.max_concurrent_trials))
         generator = StudySearchGenerator(limiter, num_trials=num_trials)
         tracker = MLflowStudyCallback(
@@ -283,7 +290,8 @@ class StudyDriver:
             mode=mode,
             default_epochs=DEFAULT_EPOCHS,
             max_t=p.max_t,
-            upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD", "all"),
+            # the StudySpec's checkpoints.upload; $BONN_SWEEP_CHECKPOINT_UPLOAD (older setups) overrides it
+            upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD") or spec.checkpoints.upload,
             optuna_link=searcher,
             echo=echo,
             selection=spec.objective.selection,
@@ -297,8 +305,12 @@ class StudyDriver:
             default_epochs=DEFAULT_EPOCHS, max_t=p.max_t, generator=generator, searcher=searcher,
         )
         searcher.error_reason = monitor.error_reason  # the Optuna trial's `error` attr
+        from service.sweep.analysis import DEFAULT_EVERY, AnalysisCallback, StudyAnalysis
+
+        self.analysis = StudyAnalysis(p.mlflow_tracking_uri, p.parent_run_id, target_name=metric, echo=echo)
+        every = int(os.environ.get("BONN_SWEEP_ANALYSIS_EVERY") or DEFAULT_EVERY)
         return Search(searcher=searcher, generator=generator, scheduler=make_scheduler(p), tracker=tracker,
-                      monitor=monitor)
+                      monitor=monitor, analysis=AnalysisCallback(self.analysis, lambda: searcher.study, every))
 
     def _echo_plan(self, num_trials: int) -> None:
         p, spec = self.p, self.p.study_spec
@@ -354,6 +366,8 @@ class StudyDriver:
         from service.sweep.searcher import fail_running_trials
 
         p, metric = self.p, self.p.study_spec.objective.metric
+        if self.analysis is not None:
+            self.analysis.log(study, final=True)  # the study's plots, final
         counts = _state_counts(study)
         orphans = fail_running_trials(study)  # hygiene: nothing can continue these any more
         if orphans:
@@ -368,6 +382,8 @@ class StudyDriver:
             best = study.best_trial
         except ValueError:
             best = None
+        except RuntimeError:  # multi-objective: the Pareto front; its best by the primary objective
+            best = _primary_best(study, p.study_spec.objective.mode)
         if best is None:
             return self._failed("no trial completed", {"error": "no trial completed",
                                                        "trial_counts": json.dumps(counts)}, f" ({counts})")
@@ -387,15 +403,18 @@ class StudyDriver:
             "best_trial": best.number,
             "best_tune_trial_id": best.user_attrs.get("tune_trial_id", ""),
             "best_run_id": best.user_attrs.get("mlflow_run_id", ""),
-            "best_value": best.value,
+            "best_value": best.values[0],
             "best_epoch": best.user_attrs.get(
                 "best_epoch" if p.study_spec.objective.selection == "best" else "epochs_done", ""),
             "best_checkpoint_uri": best.user_attrs.get("checkpoint_uri", ""),
             "trial_counts": json.dumps(counts),
         }
+        if len(study.directions) > 1:
+            tags["pareto_front"] = json.dumps([{"number": t.number, "values": t.values}
+                                               for t in study.best_trials])[:MAX_TAG_LEN]
         self.parent.set_tags(tags)
-        self.parent.log_metric("best_value", float(best.value))
-        echo(f"best trial #{best.number} ({tags['best_tune_trial_id']}): {metric}={best.value:.4g} "
+        self.parent.log_metric("best_value", float(best.values[0]))
+        echo(f"best trial #{best.number} ({tags['best_tune_trial_id']}): {metric}={best.values[0]:.4g} "
              f"run {tags['best_run_id']}")
 
         try:
@@ -410,7 +429,7 @@ class StudyDriver:
         wall = time.monotonic() - self.t_start
         self.parent.end("SUCCEEDED", {"registered_model": ref, "driver_wall_s": f"{wall:.1f}"})
         echo(f"study {p.study_id} SUCCEEDED in {wall:.1f}s: {counts}; best #{best.number} "
-             f"{metric}={best.value:.4g}; model {ref}")
+             f"{metric}={best.values[0]:.4g}; model {ref}")
         return EXIT_OK
 
     def _failed(self, msg: str, tags: dict[str, Any], note: str = "") -> int:
@@ -426,6 +445,15 @@ def _load_study_or_none(study_name: str, storage):
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return None
+
+
+def _primary_best(study, mode: str):
+    """The Pareto-optimal trial that is best by the primary objective (None without a complete trial)."""
+    front = study.best_trials
+    if not front:
+        return None
+    pick = max if mode == "max" else min
+    return pick(front, key=lambda t: t.values[0])
 
 
 def _state_counts(study) -> dict[str, int]:

@@ -74,7 +74,7 @@ CHECKPOINT_FILES = ("checkpoint.pt",)
 #: per-epoch metrics also kept as trial attributes (the API's trial view shows the last value)
 DYNAMICS_ATTRS = ("flip_frac", "flip_frac_init", "bimodality")
 PLOT_GLOB = "*.png"
-UPLOAD_POLICIES = ("all", "improved", "none")
+UPLOAD_POLICIES = ("all", "improved", "best_and_last", "none")
 
 
 def resolved_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +132,10 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         default_epochs: ``epochs`` of a trial whose config has none (TrainConfig's default).
         max_t: ASHA's ``max_t``: a trial stopped at ``max_t`` epochs counts as completed.
         upload: ``all`` (every epoch's checkpoint), ``improved`` (epochs that improve the trial's
-            best, the final epoch, and epochs with a plot), ``none``.
+            best, the final epoch, and epochs with a plot), ``best_and_last`` (the run keeps only its
+            best epoch's and its last epoch's checkpoints: a superseded best is deleted from the run,
+            plot epochs upload their plots only, and a trial stopped early gets its last checkpoint at
+            its end; the StudySpec's default, ``checkpoints.upload``), ``none``.
         optuna_link: object with ``set_trial_attrs(tune_trial_id, dict)`` and
             ``trial_number(tune_trial_id)`` (:class:`service.sweep.searcher.StudyOptunaSearch`).
         retries, backoff_s: per MLflow call that fails while the server answers (5xx, 429, ...).
@@ -370,12 +373,19 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         if self.upload == "none":
             return
         epoch = epochs_done(getattr(trial, "last_result", None)) or rec["epochs_done"]
+        self._upload_checkpoint(trial, rec, checkpoint, epoch)
+
+    def _upload_checkpoint(self, trial, rec: dict[str, Any], checkpoint, epoch: int, last: bool = False) -> None:
         is_best = epoch == rec["best_epoch"]
         path = f"checkpoints/epoch_{epoch:03d}"
+        keep = is_best or last or epoch >= rec["target"]
         try:
             with checkpoint.as_directory() as d:
                 plots = sorted(glob.glob(os.path.join(d, PLOT_GLOB)))
-                if self.upload == "improved" and not (is_best or plots or epoch >= rec["target"]):
+                if self.upload in ("improved", "best_and_last") and not (keep or plots):
+                    return
+                if self.upload == "best_and_last" and not keep:  # a plot epoch: the plots, no checkpoint
+                    self._upload_plots(rec, plots, epoch)
                     return
                 files = [os.path.join(d, f) for f in CHECKPOINT_FILES if os.path.exists(os.path.join(d, f))]
                 files += plots
@@ -406,6 +416,8 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         if epoch == self.selected_epoch(rec) and rec["artifact_uri"]:
             rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
             self._link("set_trial_attrs", rec["trial_id"], {"checkpoint_uri": rec["checkpoint_uri"]})
+        if self.upload == "best_and_last":
+            self._prune_checkpoints(rec)
 
     @_timed
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
@@ -415,7 +427,16 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
             reason = STOP_CANCELLED  # removed before it reported anything
         else:
             reason = classify_stop(epochs, rec["target"])
+        if self.upload == "best_and_last" and 0 < epochs < rec["target"] and epochs != rec["best_epoch"]:
+            self._upload_last(trial, rec, epochs)
         self._finish(trial, rec, reason)
+
+    def _upload_last(self, trial, rec: dict[str, Any], epoch: int) -> None:
+        """A trial that ended before its target epochs (ASHA): its last checkpoint (Tune's latest)."""
+        rec["last_epoch"] = epoch
+        checkpoint = getattr(trial, "checkpoint", None)
+        if checkpoint is not None:
+            self._upload_checkpoint(trial, rec, checkpoint, epoch, last=True)
 
     @_timed
     def on_trial_error(self, iteration: int, trials: list, trial, **info):

@@ -128,6 +128,8 @@ def build_sampler(kind: str, seed: int | None, grid: dict[str, list] | None = No
         return optuna.samplers.GPSampler(seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "nsga2":  # multi-objective (objective.also)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if kind == "cmaes":
         try:
             import cmaes  # noqa: F401
@@ -292,7 +294,7 @@ class StudyOptunaSearch(OptunaSearch):
 
     def decide(self, trial_id: str, result: dict | None, error: bool) -> tuple[TrialState, float | None, str, int]:
         """(Optuna state, value, stop_reason, epochs done) for a trial that ended with ``result``."""
-        value = finite((result or {}).get(self._metric)) if isinstance(self._metric, str) else None
+        value = self._value(result)
         epochs = epochs_done(result)
         target = self._target.get(trial_id, target_epochs(None, self._default_epochs, self._max_t))
         if error:
@@ -314,7 +316,7 @@ class StudyOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
             return False
-        value = finite((result or {}).get(self._metric)) if isinstance(self._metric, str) else None
+        value = self._value(result)
         epochs = epochs_done(result)
         attrs: dict[str, Any] = {"stop_reason": reason, "epochs_done": epochs}
         if value is not None:
@@ -324,13 +326,22 @@ class StudyOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         return True
 
-    def _tell(self, ot_trial: optuna.Trial, state: TrialState, value: float | None, step: int) -> None:
+    def _value(self, result: dict | None) -> Any:
+        """The trial's objective value: a float, or for a multi-objective study (``metric`` a list) the
+        list of its values (None when one is missing or not finite)."""
+        if isinstance(self._metric, str):
+            return finite((result or {}).get(self._metric))
+        values = [finite((result or {}).get(m)) for m in self._metric or []]
+        return values if values and all(v is not None for v in values) else None
+
+    def _tell(self, ot_trial: optuna.Trial, state: TrialState, value: Any, step: int) -> None:
         try:
             if state == TrialState.PRUNED:
                 # Optuna takes a pruned trial's value from its last intermediate value; Tune did not
-                # report the result on which the scheduler stopped the trial, so report it here.
+                # report the result on which the scheduler stopped the trial, so report it here
+                # (single objective only: Optuna keeps no intermediate values of multi-objective trials).
                 frozen = trial_storage(self._ot_study).get_trial(storage_trial_id(ot_trial))
-                if value is not None and step not in frozen.intermediate_values:
+                if value is not None and not isinstance(value, list) and step not in frozen.intermediate_values:
                     ot_trial.report(value, step)
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             elif state == TrialState.COMPLETE:
@@ -362,9 +373,11 @@ class StudyOptunaSearch(OptunaSearch):
             new = optuna.trial.create_trial(
                 params=frozen.params,
                 distributions=frozen.distributions,
-                value=value if state == TrialState.COMPLETE else None,
+                **({"values": value} if isinstance(value, list) and state == TrialState.COMPLETE else
+                   {"value": value if state == TrialState.COMPLETE and not isinstance(value, list) else None}),
                 state=state if state == TrialState.COMPLETE else TrialState.PRUNED,
-                intermediate_values={epochs or 1: value} if state != TrialState.COMPLETE else None,
+                intermediate_values={epochs or 1: value}
+                if state != TrialState.COMPLETE and not isinstance(value, list) else None,
                 user_attrs=attrs,
             )
             self._ot_study.add_trial(new)

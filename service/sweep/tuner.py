@@ -3,7 +3,7 @@
 A fresh study gets ``Tuner(with_resources(trainables.tune.train_bonn, one placement-group bundle per
 data-parallel worker), TuneConfig(search_alg, scheduler=ASHA|FIFO, reuse_actors=True),
 RunConfig(storage_path=tune_storage, name=study_id, callbacks, FailureConfig(max_failures=2),
-CheckpointConfig(num_to_keep=2, by the objective)))``. When Tune state for the study exists,
+checkpoint_config(spec.checkpoints.keep)))``. When Tune state for the study exists,
 ``Tuner.restore(resume_errored=True)`` continues it with the search algorithm, scheduler and
 callbacks rebuilt from the payload (:func:`use_live_configs`).
 """
@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from service.core.payload import JobPayload
 
-CHECKPOINTS_TO_KEEP = 2
 TRIAL_MAX_FAILURES = 2  # retries per trial (Tune FailureConfig.max_failures)
 
 
@@ -107,15 +106,14 @@ def make_trainable(p: JobPayload):
 
 
 def build_tuner(p: JobPayload, *, exp_path: str, restoring: bool, search_alg: Any, scheduler: Any,
-                callbacks: list, num_trials: int, echo: Callable[[str], None], name: str | None = None,
-                selection: str | None = None):
+                callbacks: list, num_trials: int, echo: Callable[[str], None], name: str | None = None):
     """The study's ``Tuner``: restored from ``exp_path`` when ``restoring``, else a fresh one, named
     ``name`` (default: the study id; the confirmation stage runs its own experiment). Tune keeps the
-    checkpoints that ``objective.selection`` picks: the best by the objective, or the latest."""
+    checkpoints that ``checkpoints.keep`` asks for (:func:`checkpoint_config`): by default the best by the
+    objective and the latest, which covers either ``objective.selection``."""
     from ray import tune
 
     spec = p.study_spec
-    by_best = (selection or spec.objective.selection) == "best"
     tune_config = tune.TuneConfig(
         metric=spec.objective.metric,
         mode=spec.objective.mode,
@@ -147,14 +145,26 @@ def build_tuner(p: JobPayload, *, exp_path: str, restoring: bool, search_alg: An
             storage_path=p.tune_storage,
             callbacks=callbacks,
             failure_config=failure_config,
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=CHECKPOINTS_TO_KEEP,
-                checkpoint_score_attribute=spec.objective.metric if by_best else "training_iteration",
-                checkpoint_score_order=spec.objective.mode if by_best else "max",
-            ),
+            checkpoint_config=checkpoint_config(p),
             verbose=0,  # our StudyMonitor prints one line per trial event
         ),
     )
+
+
+def checkpoint_config(p: JobPayload):
+    """Tune's ``CheckpointConfig`` for the study's ``checkpoints.keep``. Tune never deletes a trial's
+    latest checkpoint (``ray.train._internal.checkpoint_manager``), so ``num_to_keep=1`` scored by the
+    objective keeps the best epoch and the latest one: at most two per trial, and resume stays exact."""
+    from ray import tune
+
+    spec = p.study_spec
+    keep = spec.checkpoints.keep
+    if keep == "all":
+        return tune.CheckpointConfig(num_to_keep=None)
+    if keep == "last":
+        return tune.CheckpointConfig(num_to_keep=1)
+    return tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=spec.objective.metric,
+                                 checkpoint_score_order=spec.objective.mode)
 
 
 def use_live_configs(tuner: Any, tune_config: Any, callbacks: list, failure_config: Any) -> None:

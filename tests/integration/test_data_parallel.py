@@ -49,6 +49,7 @@ def _payload(cluster, name: str) -> dict:
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "budget": {"num_trials": NUM_TRIALS, "max_concurrent_trials": 1, "max_failed_trials": 0},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_parallel_workers": 2},
+        "checkpoints": {"upload": "all"},  # every epoch's checkpoint in MLflow (checked below)
     }, mlflow_uri=cluster.mlflow_uri, optuna_storage=f"sqlite:///{cluster.home}/optuna-dp-tests.db",
         tune_storage=str(cluster.home / "tune"), id_prefix="dp")
 

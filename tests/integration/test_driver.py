@@ -15,6 +15,7 @@ MLflow only, for this module, and stops them by pid.
 from __future__ import annotations
 
 import collections
+import json
 import time
 from pathlib import Path
 
@@ -134,14 +135,28 @@ def test_digits_study_asha_end_to_end(cluster, jobs):
         hist = client.get_metric_history(r.info.run_id, "val_acc")
         assert sorted(m.step for m in hist) == list(range(1, t.user_attrs["epochs_done"] + 1))
         arts = artifact_paths(client, r.info.run_id)
-        for e in range(1, t.user_attrs["epochs_done"] + 1):
-            assert f"checkpoints/epoch_{e:03d}/checkpoint.pt" in arts
+        # checkpoints.upload's default best_and_last: the run keeps its best and its last epoch only
+        kept = {p.split("/")[1] for p in arts if p.startswith("checkpoints/") and p.endswith("checkpoint.pt")}
+        assert kept == {f"epoch_{e:03d}" for e in (t.user_attrs["best_epoch"], t.user_attrs["epochs_done"])}, kept
         assert "plots/weights_hist_epoch000.png" in arts  # the initial-weights plot rides with epoch 1
     parent = client.get_run(payload["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "SUCCEEDED"
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
     assert parent.data.tags["registered_model"] == ref
     assert client.get_metric_history(payload["parent_run_id"], "best_so_far")
+
+    # -- the study's plots on the parent run, refreshed while it ran and final (service.sweep.analysis) --
+    parts = artifact_paths(client, payload["parent_run_id"], "analysis")
+    assert {f"analysis/{n}.png" for n in ("optimization_history", "parallel_coordinate", "slice",
+                                           "intermediate_values")} | {"analysis/study.html"} <= parts, parts
+    if sum(t.state == TrialState.COMPLETE for t in trials) >= 2:
+        assert {"lam", "theta", "nu"} <= {k.split(".", 1)[1] for k in parent.data.metrics if k.startswith("importance.")}
+    assert "analysis (final) of 4 finished trial(s)" in logs
+
+    # -- Tune storage: checkpoints.keep's default best_and_last keeps at most two per trial ---------
+    exp = Path(payload["tune_storage"]) / payload["study_id"]
+    for trial_dir in (d for d in exp.iterdir() if d.is_dir() and d.name.startswith("train_bonn_")):
+        assert 1 <= len(list(trial_dir.glob("checkpoint_*"))) <= 2, sorted(trial_dir.iterdir())
 
     # -- Model Registry: the best trial's model loads and predicts ----------------------------------
     mv = client.get_model_version(name, version)
@@ -230,3 +245,35 @@ def test_failure_limit_fails_the_study(cluster, jobs):
     parent = client.get_run(payload["parent_run_id"])
     assert parent.info.status == "FAILED" and parent.data.tags["status"] == "FAILED"
     assert "max_failed_trials=0" in parent.data.tags["error"]
+
+
+def test_multi_objective_study_finds_a_pareto_front(cluster, jobs):
+    """objective.also: Optuna searches (val_acc max, epoch_time_s min) without ASHA; every trial COMPLETE
+    with two values; the Pareto front on the parent run and in its plots; the primary best registered."""
+    payload = job_payload({
+        "name": "driver it pareto",
+        "search_space": "digits-smoke",
+        "base": {"epochs": 1, "hist_epochs": []},
+        "objective": {"metric": "val_acc", "mode": "max", "also": [{"metric": "epoch_time_s", "mode": "min"}]},
+        "sampler": {"type": "tpe", "seed": 0},
+        "budget": {"num_trials": 3, "max_concurrent_trials": 2, "max_failed_trials": 0},
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+    }, mlflow_uri=cluster.mlflow_uri, optuna_storage=f"sqlite:///{cluster.home}/optuna-driver-tests.db",
+        tune_storage=str(cluster.home / "tune"), id_prefix="mo")
+    assert payload["spec"]["scheduler"]["type"] == "fifo"
+    status, logs = run_driver_job(jobs, payload)
+    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+
+    study = study_of(payload)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.user_attrs["objective_names"] == ["val_acc", "epoch_time_s"]
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials)
+    front = {t.number for t in study.best_trials}
+    client = MlflowClient(cluster.mlflow_uri)
+    parent = client.get_run(payload["parent_run_id"])
+    assert parent.data.tags["status"] == "SUCCEEDED"
+    assert {p["number"] for p in json.loads(parent.data.tags["pareto_front"])} == front
+    best = max(study.best_trials, key=lambda t: t.values[0])
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert "analysis/pareto_front.png" in artifact_paths(client, payload["parent_run_id"], "analysis")

@@ -68,6 +68,7 @@ def study_spec(name: str, *, trials: int, epochs: int, batch_size: int = 32, spa
         "scheduler": {"type": "fifo"},
         "budget": {"num_trials": trials, "max_concurrent_trials": 2, "max_failed_trials": max_failed},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+        "checkpoints": {"upload": "all"},  # every epoch in MLflow: these tests check each one arrives once
     }
 
 

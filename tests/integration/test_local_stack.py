@@ -41,7 +41,7 @@ def test_healthz_all_components_up(api: httpx.Client) -> None:
 
 def test_stack_json_records_processes(stack: Stack) -> None:
     data = json.loads((stack.home_path / STACK_FILE).read_text())
-    assert set(data["procs"]) == {"ray", "mlflow", "api"}
+    assert set(data["procs"]) == {"ray", "mlflow", "api", "optuna_dashboard"}
     for name, p in data["procs"].items():
         assert p["pid"] == p["pgid"], f"{name} should lead its own process group"
         assert proc_start_time(p["pid"]) == p["start_time"]
@@ -54,7 +54,7 @@ def test_ports_are_bound_to_loopback_only(stack: Stack) -> None:
     ip = _non_loopback_ip()
     if ip is None:
         pytest.skip("no non-loopback address on this machine")
-    for port in (stack.api_port, stack.mlflow_port, stack.dashboard_port):
+    for port in (stack.api_port, stack.mlflow_port, stack.dashboard_port, stack.optuna_dashboard_port):
         with socket.socket() as s:
             s.settimeout(1.0)
             assert s.connect_ex((ip, port)) != 0, f"port {port} answers on {ip}"
@@ -98,6 +98,11 @@ def test_study_reaches_a_terminal_state_and_cancel_409(api: httpx.Client, stack:
     r = api.post(f"/studies/{body['id']}/cancel")
     assert r.status_code == 409, r.text
     assert done["status"] in r.json()["detail"][0]["msg"]
+    # optuna-dashboard (started with the stack, on the study storage) lists the study; the study links
+    # to its page there
+    listed = httpx.get(f"{stack.optuna_dashboard_url}/api/studies", timeout=10).json()["study_summaries"]
+    sid = {s["study_name"]: s["study_id"] for s in listed}[body["id"]]
+    assert done["links"]["optuna_dashboard"] == f"{stack.optuna_dashboard_url}/dashboard/studies/{sid}"
 
 
 def test_reconcile_after_api_restart(stack: Stack, api: httpx.Client) -> None:
@@ -154,6 +159,13 @@ def test_cli_against_the_stack(stack: Stack, tmp_path: Path) -> None:
     r = cli("studies", "show", sid)
     assert r.returncode == 0 and sid in r.stdout
     r = cli("studies", "show", "nope")
+    assert r.returncode == 1 and "404" in r.stderr and "Traceback" not in r.stderr
+    r = cli("studies", "report", sid, "--out", "rep")
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "rep" / f"report-{sid}.html").read_text()
+    data = json.loads((tmp_path / "rep" / f"report-{sid}.json").read_text())
+    assert data["study"]["id"] == sid and data["spec"]["name"] == "cli-study" and sid in page
+    r = cli("studies", "report", "nope")
     assert r.returncode == 1 and "404" in r.stderr and "Traceback" not in r.stderr
     r = cli("spaces", "list")
     assert r.returncode == 0 and "digits-smoke" in r.stdout

@@ -29,7 +29,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 API_KEY = "a1b2c3d4e5f60718" * 4
 REQUIRED_ENV = {"POSTGRES_PASSWORD": "0123456789abcdef", "RAY_AUTH_TOKEN": "fedcba9876543210" * 4,
                 "BONN_SWEEP_API_KEY": API_KEY}
-PROJECT_SERVICES = ("mlflow", "ray-head", "ray-worker", "api")  # the ones built from docker/Dockerfile
+PROJECT_SERVICES = ("mlflow", "ray-head", "ray-worker", "api", "optuna-dashboard")  # the ones built from docker/Dockerfile
 SHARED_USERS = ("api", "ray-head", "ray-worker", "mlflow")
 
 
@@ -112,12 +112,14 @@ def test_published_ports_bind_loopback_only(services: dict) -> None:
                 "only 127.0.0.1 is allowed (Ray's dashboard/Jobs API run arbitrary code)"
             )
     # the three UIs/APIs are reachable (through loopback); nothing else (postgres, GCS) is published
-    assert sorted(published) == [("api", "8000"), ("mlflow", "5000"), ("ray-head", "8265")]
+    assert sorted(published) == [("api", "8000"), ("mlflow", "5000"), ("optuna-dashboard", "8080"),
+                                 ("ray-head", "8265")]
 
 
 def test_published_ports_stay_loopback_with_custom_host_ports() -> None:
     r = compose_config(COMPOSE_FILE, "--format", "json",
-                       env=_env(RAY_DASHBOARD_PORT="18265", MLFLOW_PORT="15000", API_PORT="18000"))
+                       env=_env(RAY_DASHBOARD_PORT="18265", MLFLOW_PORT="15000", API_PORT="18000",
+                                OPTUNA_DASHBOARD_PORT="18080"))
     assert r.returncode == 0, r.stderr
     for name, svc in json.loads(r.stdout)["services"].items():
         for p in svc.get("ports", []):
@@ -311,3 +313,10 @@ def test_api_command_target_is_importable() -> None:
 
     module = importlib.import_module("service.api.app")
     assert isinstance(getattr(module, "app"), FastAPI)
+
+
+def test_optuna_dashboard_reads_the_study_storage(services: dict) -> None:
+    svc = services["optuna-dashboard"]
+    assert svc["command"][0] == "optuna-dashboard"
+    assert svc["command"][1] == services["api"]["environment"]["BONN_SWEEP_OPTUNA_STORAGE"]
+    assert services["api"]["environment"]["BONN_SWEEP_OPTUNA_DASHBOARD_URL"] == "http://127.0.0.1:8080"

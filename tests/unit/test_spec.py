@@ -119,3 +119,61 @@ def test_bad_spec(case: str, body: dict, loc: tuple, msg: str) -> None:
 def test_fractional_gpus_allowed() -> None:
     spec = StudySpec.model_validate(with_(resources={"cpus_per_trial": 0.5, "gpus_per_trial": 0.25}))
     assert spec.resources.gpus_per_trial == 0.25
+
+
+def test_checkpoint_retention_defaults_and_422() -> None:
+    spec = StudySpec.model_validate(with_())
+    assert (spec.checkpoints.keep, spec.checkpoints.upload) == ("best_and_last", "best_and_last")
+    for body, loc in ((with_(checkpoints={"keep": "best"}), ("checkpoints", "keep")),
+                      (with_(checkpoints={"upload": "some"}), ("checkpoints", "upload")),
+                      (with_(checkpoints={"kep": "all"}), ("checkpoints", "kep"))):
+        with pytest.raises(ValidationError) as info:
+            StudySpec.model_validate(body)
+        assert any(tuple(e["loc"][:2]) == loc for e in info.value.errors()), info.value.errors()
+
+
+def test_checkpoint_config_for_tune() -> None:
+    pytest.importorskip("ray.tune")
+    from service.core.payload import JobPayload
+    from service.sweep.tuner import checkpoint_config
+
+    def cfg(**ck):
+        p = JobPayload.build(study_id="s", spec=StudySpec.model_validate(with_(checkpoints=ck)), num_trials=1,
+                             mlflow_tracking_uri="sqlite:///x.db", experiment_id="1", parent_run_id="r",
+                             optuna_storage="sqlite:///o.db", tune_storage="/tmp/t", resume=False)
+        return checkpoint_config(p)
+
+    c = cfg()
+    assert (c.num_to_keep, c.checkpoint_score_attribute, c.checkpoint_score_order) == (1, "val_acc", "max")
+    assert cfg(keep="all").num_to_keep is None
+    c = cfg(keep="last")
+    assert (c.num_to_keep, c.checkpoint_score_attribute) == (1, None)
+
+
+MO = {"metric": "val_acc", "mode": "max", "also": [{"metric": "epoch_time_s", "mode": "min"}]}
+
+
+def test_multi_objective_spec_runs_fifo_and_names_its_objectives() -> None:
+    spec = StudySpec.model_validate(with_(objective=MO))
+    assert spec.objective.multi and spec.objective.metrics == ["val_acc", "epoch_time_s"]
+    assert spec.objective.modes == ["max", "min"] and spec.scheduler.type == "fifo"
+    assert StudySpec.model_validate(spec.to_job_spec()).scheduler.type == "fifo"  # the driver's view
+    assert not StudySpec.model_validate(with_()).objective.multi
+    assert StudySpec.model_validate(with_(objective=MO, sampler={"type": "nsga2", "seed": 1})).sampler.type == "nsga2"
+
+
+@pytest.mark.parametrize("body, loc, msg", [
+    (with_(objective=MO, scheduler={"type": "asha"}), ("scheduler", "type"), "cannot rank them on several"),
+    (with_(objective=MO, sampler={"type": "cmaes"}), ("sampler", "type"), "cannot search several objectives"),
+    (with_(objective={**MO, "also": [{"metric": "val_acc", "mode": "min"}]}), ("objective", "also"), "already"),
+    (with_(objective={**MO, "also": [{"metric": "test_acc", "mode": "min"}]}), ("objective", "also", 0, "metric"),
+     "epoch_time_s"),
+    (with_(objective={**MO, "also": [{"metric": "epoch_time_s"}]}), ("objective", "also", 0, "mode"), "required"),
+    (with_(objective={**MO, "also": [{"metric": m, "mode": "min"} for m in ("epoch_time_s", "val_loss", "train_loss")]}),
+     ("objective", "also"), "at most 2"),
+])
+def test_bad_multi_objective_specs_name_the_field(body: dict, loc: tuple, msg: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(body)
+    hits = [e for e in info.value.errors() if tuple(e["loc"][: len(loc)]) == loc]
+    assert hits and msg in " ".join(e["msg"] for e in hits), info.value.errors()

@@ -434,3 +434,34 @@ def test_parent_run_has_one_owner_for_api_and_driver(exp):
     assert len(warnings) == 1 and "set_tag(a)" in warnings[0]
     with pytest.raises(TrackingError, match="no-such-run"):
         ParentRun(exp.uri, "no-such-run").set_status("FAILED")
+
+
+def _ckpt_epochs(exp, cb, trial) -> list[str]:
+    arts = artifact_paths(exp.client, cb.run_id(trial.trial_id))
+    return sorted({p.split("/")[1] for p in arts if p.startswith("checkpoints/")})
+
+
+def test_upload_policy_best_and_last_keeps_two_checkpoints(exp, tmp_path):
+    """The StudySpec default: a run holds its best and its last checkpoint, superseded bests are
+    deleted, plot epochs upload the plot alone."""
+    cb = make_cb(exp, upload="best_and_last")
+    trial = FakeTrial("bal_00000", {"epochs": 5}, tmp_path)
+    cb.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    run_epochs(cb, trial, tmp_path, [1, 2, 3], [0.5, 0.4, 0.6], png_epochs=(2,))
+    assert _ckpt_epochs(exp, cb, trial) == ["epoch_003"]  # epoch 1 superseded, epoch 2 only a plot
+    arts = artifact_paths(exp.client, cb.run_id(trial.trial_id))
+    assert "plots/weights_hist_epoch002.png" in arts
+    run_epochs(cb, trial, tmp_path, [4, 5], [0.55, 0.52])
+    cb.on_trial_complete(iteration=5, trials=[trial], trial=trial)
+    assert _ckpt_epochs(exp, cb, trial) == ["epoch_003", "epoch_005"]  # best, last
+    assert cb.record(trial.trial_id)["checkpoint_uri"].endswith("epoch_003")
+
+
+def test_upload_policy_best_and_last_early_stopped_trial_gets_its_last(exp, tmp_path):
+    cb = make_cb(exp, upload="best_and_last")
+    trial = FakeTrial("bal_00001", {"epochs": 9}, tmp_path)
+    cb.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    run_epochs(cb, trial, tmp_path, [1, 2, 3], [0.6, 0.4, 0.5])
+    trial.checkpoint = FakeCheckpoint(tmp_path / f"{trial.trial_id}_ck3")  # Tune's latest
+    cb.on_trial_complete(iteration=3, trials=[trial], trial=trial)  # ASHA stopped it at 3 of 9
+    assert _ckpt_epochs(exp, cb, trial) == ["epoch_001", "epoch_003"]

@@ -121,7 +121,16 @@ def _links(service: StudyService, row: Study) -> Links:
         mlflow_run=service.tracking.run_url(row.mlflow_experiment_id, row.mlflow_parent_run_id),
         mlflow_experiment=service.tracking.experiment_url(row.mlflow_experiment_id),
         ray_job=f"{service.settings.ray_ui}/#/jobs/{row.submission_id}" if row.submission_id else None,
+        optuna_dashboard=_dashboard_link(service, None),
     )
+
+
+def _dashboard_link(service: StudyService, optuna_study_id: int | None) -> str | None:
+    """optuna-dashboard's page of the study (its numeric storage id), else its list of studies."""
+    base = (service.settings.optuna_dashboard_url or "").rstrip("/")
+    if not base:
+        return None
+    return f"{base}/dashboard/studies/{optuna_study_id}" if optuna_study_id is not None else f"{base}/dashboard"
 
 
 def study_summary(service: StudyService, row: Study) -> StudySummary:
@@ -159,8 +168,10 @@ def study_public(service: StudyService, row: Study) -> StudyPublic:
     spec = row.spec
     objective = {"metric": "val_acc", "mode": "max", "selection": "last", **(spec.get("objective") or {})}
     view = service.optuna_view(row.id)
+    summary = study_summary(service, row)
+    summary.links.optuna_dashboard = _dashboard_link(service, getattr(view, "optuna_study_id", None))
     return StudyPublic(
-        **study_summary(service, row).model_dump(),
+        **summary.model_dump(),
         submission_id=row.submission_id,
         ray_job_status=row.ray_job_status,
         resume_count=row.resume_count,
@@ -174,6 +185,7 @@ def study_public(service: StudyService, row: Study) -> StudyPublic:
         mlflow_parent_run_id=row.mlflow_parent_run_id,
         spec=spec,
         confirmation=confirmation(view),
+        pareto_front=_pareto(view, objective),
     )
 
 
@@ -186,6 +198,17 @@ def confirmation(view: StudyView) -> Confirmation | None:
         return Confirmation.model_validate(raw)
     except ValueError:  # pydantic ValidationError: a summary of another version; never a 500
         return None
+
+
+def _pareto(view: StudyView, objective: dict) -> list[dict] | None:
+    """A multi-objective study's Pareto front (objective.also set), else None."""
+    also = objective.get("also") or []
+    if not also:
+        return None
+    from service.api.backends import pareto_front
+
+    modes = [objective.get("mode", "max"), *(a.get("mode", "max") for a in also)]
+    return [{"number": t.number, "values": t.values, "params": t.params} for t in pareto_front(view.trials, modes)]
 
 
 def _num(v: object) -> float | None:
@@ -215,4 +238,5 @@ def trial_public(t: TrialView) -> TrialPublic:
         datetime_start=t.datetime_start,
         datetime_complete=t.datetime_complete,
         duration_s=t.duration_s,
+        values=t.values,
     )
