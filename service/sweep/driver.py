@@ -222,7 +222,8 @@ class StudyDriver:
         RUNNING ones are orphans of a crashed driver: FAIL)."""
         import optuna
 
-        from service.sweep.searcher import fail_running_trials, grid_size
+        from service.sweep.samplers import grid_size
+        from service.sweep.searcher import fail_running_trials
 
         num_trials, grid = self.p.trials_requested, None
         if self.p.study_spec.sampler.type == "grid":
@@ -255,8 +256,8 @@ class StudyDriver:
             StudyConcurrencyLimiter,
             StudyOptunaSearch,
             StudySearchGenerator,
-            build_sampler,
         )
+        from service.sweep.samplers import build_sampler
         from service.sweep.tuner import make_scheduler
 
         p, spec = self.p, self.p.study_spec

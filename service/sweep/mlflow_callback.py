@@ -38,16 +38,15 @@ the last saved Tune state) are ended ``KILLED`` with ``stop_reason=cancelled`` a
 from __future__ import annotations
 
 import copy
-import glob
 import logging
 import math
-import os
 import time
 from typing import Any, Callable
 
 from ray.tune import Callback
 
 from service.core.mlflow_calls import MAX_TAG_LEN, flatten_params
+from service.sweep.checkpoint_uploads import CheckpointUploads
 from service.sweep.outbox import DRAIN_INTERVAL_S, MlflowOutbox
 from service.sweep.stop_reasons import (
     RUN_STATUS_FOR_REASON,
@@ -70,10 +69,8 @@ NON_METRIC_KEYS = frozenset({
     "checkpoint_dir_name", "experiment_tag", "iterations_since_restore", "time_since_restore",
     "timesteps_since_restore", "timesteps_total", "episodes_total", "experiment_id",
 })
-CHECKPOINT_FILES = ("checkpoint.pt",)
 #: per-epoch metrics also kept as trial attributes (the API's trial view shows the last value)
 DYNAMICS_ATTRS = ("flip_frac", "flip_frac_init", "bimodality")
-PLOT_GLOB = "*.png"
 UPLOAD_POLICIES = ("all", "improved", "best_and_last", "none")
 
 
@@ -120,7 +117,7 @@ def _better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
 
-class MLflowStudyCallback(MlflowOutbox, Callback):
+class MLflowStudyCallback(CheckpointUploads, MlflowOutbox, Callback):
     """Ray Tune callback: MLflow child run per trial, checkpoints as artifacts, restorable state.
 
     Args:
@@ -375,50 +372,6 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         epoch = epochs_done(getattr(trial, "last_result", None)) or rec["epochs_done"]
         self._upload_checkpoint(trial, rec, checkpoint, epoch)
 
-    def _upload_checkpoint(self, trial, rec: dict[str, Any], checkpoint, epoch: int, last: bool = False) -> None:
-        is_best = epoch == rec["best_epoch"]
-        path = f"checkpoints/epoch_{epoch:03d}"
-        keep = is_best or last or epoch >= rec["target"]
-        try:
-            with checkpoint.as_directory() as d:
-                plots = sorted(glob.glob(os.path.join(d, PLOT_GLOB)))
-                if self.upload in ("improved", "best_and_last") and not (keep or plots):
-                    return
-                if self.upload == "best_and_last" and not keep:  # a plot epoch: the plots, no checkpoint
-                    self._upload_plots(rec, plots, epoch)
-                    return
-                files = [os.path.join(d, f) for f in CHECKPOINT_FILES if os.path.exists(os.path.join(d, f))]
-                files += plots
-                if not files:
-                    return
-                sent = False
-                if self._sync(rec):
-                    sent = self._upload(rec["run_id"], files, path)
-                    if sent and plots:
-                        self._upload(rec["run_id"], plots, "plots")
-                    if not sent and self.online():
-                        return  # refused by a reachable server: logged by _call, not retried
-                if not sent:  # MLflow unreachable: keep the files until it is back
-                    self._queue(rec, {"op": "artifacts", "dir": self._spool(rec, epoch, files), "path": path,
-                                      "plots": [os.path.basename(p) for p in plots], "epoch": epoch})
-        except Exception as exc:  # noqa: BLE001 - unreadable checkpoint: never crash the sweep
-            logger.warning("checkpoint of %s not uploaded: %s", rec["name"], exc)
-            return
-        if sent:
-            self._uploaded(rec, epoch)
-        elif epoch == self.selected_epoch(rec) and rec["artifact_uri"]:  # where it will be once MLflow has it
-            rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
-            self._link("set_trial_attrs", trial.trial_id, {"checkpoint_uri": rec["checkpoint_uri"]})
-
-    def _uploaded(self, rec: dict[str, Any], epoch: int) -> None:
-        if epoch not in rec["uploaded"]:
-            rec["uploaded"].append(epoch)
-        if epoch == self.selected_epoch(rec) and rec["artifact_uri"]:
-            rec["checkpoint_uri"] = self._checkpoint_uri(rec, epoch)
-            self._link("set_trial_attrs", rec["trial_id"], {"checkpoint_uri": rec["checkpoint_uri"]})
-        if self.upload == "best_and_last":
-            self._prune_checkpoints(rec)
-
     @_timed
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
         rec = self._record(trial)
@@ -430,13 +383,6 @@ class MLflowStudyCallback(MlflowOutbox, Callback):
         if self.upload == "best_and_last" and 0 < epochs < rec["target"] and epochs != rec["best_epoch"]:
             self._upload_last(trial, rec, epochs)
         self._finish(trial, rec, reason)
-
-    def _upload_last(self, trial, rec: dict[str, Any], epoch: int) -> None:
-        """A trial that ended before its target epochs (ASHA): its last checkpoint (Tune's latest)."""
-        rec["last_epoch"] = epoch
-        checkpoint = getattr(trial, "checkpoint", None)
-        if checkpoint is not None:
-            self._upload_checkpoint(trial, rec, checkpoint, epoch, last=True)
 
     @_timed
     def on_trial_error(self, iteration: int, trials: list, trial, **info):

@@ -302,33 +302,6 @@ class MlflowOutbox:
                 return
             self._parent_ops.pop(0)
 
-    def _upload_plots(self, rec: dict[str, Any], plots: list[str], epoch: int) -> None:
-        """A plot epoch under ``best_and_last``: its histogram PNGs go to ``plots/``, its checkpoint not."""
-        if self._sync(rec) and self._upload(rec["run_id"], plots, "plots"):
-            return
-        if not self.online():
-            self._queue(rec, {"op": "artifacts", "dir": self._spool(rec, epoch, plots), "path": "plots",
-                              "plots": [], "epoch": epoch, "plots_only": True})
-
-    def _prune_checkpoints(self, rec: dict[str, Any]) -> None:
-        """``best_and_last``: delete the run's checkpoints other than its best epoch's and its last
-        epoch's (the final one, or where an early-stopped trial ended). A failed delete is retried at
-        the next upload; the files then simply stay."""
-        keep = {rec["best_epoch"], rec.get("last_epoch")} | {e for e in rec["uploaded"] if e >= rec["target"]}
-        stale = [e for e in rec["uploaded"] if e not in keep]
-        if not stale or not rec["artifact_uri"]:
-            return
-        try:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-            repo = get_artifact_repository(rec["artifact_uri"], tracking_uri=self.tracking_uri)
-        except Exception as exc:  # noqa: BLE001 - an artifact store without deletes: keep the files
-            logger.warning("cannot delete superseded checkpoints of %s: %s", rec["name"], exc)
-            return
-        for e in stale:
-            if self._call("delete_artifacts", repo.delete_artifacts, f"checkpoints/epoch_{e:03d}")[0]:
-                rec["uploaded"].remove(e)
-
     def _checkpoint_uri(self, rec: dict[str, Any], epoch: int) -> str:
         return f"{rec['artifact_uri'].rstrip('/')}/checkpoints/epoch_{epoch:03d}"
 

@@ -21,14 +21,13 @@ from service.core.payload import PAYLOAD_ENV, JobPayload, PayloadError  # noqa: 
 from service.sweep import driver  # noqa: E402
 from service.sweep.monitor import StudyMonitor  # noqa: E402
 from service.sweep.registry import registered_model_name  # noqa: E402
+from service.sweep.samplers import build_sampler, grid_size  # noqa: E402
 from service.sweep.searcher import (  # noqa: E402
     DefineByRun,
     StudyConcurrencyLimiter,
     StudyOptunaSearch,
     StudySearchGenerator,
-    build_sampler,
     fail_running_trials,
-    grid_size,
 )
 from service.sweep.stop_reasons import classify_stop, target_epochs  # noqa: E402
 
