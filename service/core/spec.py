@@ -372,6 +372,10 @@ class StudySpec(_Strict):
             raise ValidationError.from_exception_data("StudySpec", [_custom(
                 ("sampler", "type"), f"sampler {self.sampler.type!r} cannot search several objectives "
                 f"(objective.also); use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}", self.sampler.type)])
+        if self.objective.selection == "best":
+            raise ValidationError.from_exception_data("StudySpec", [_custom(
+                ("objective", "selection"), "'best' picks one epoch by one metric; a multi-objective study "
+                "(objective.also) tells Optuna each trial's last epoch: use selection 'last'", "best")])
         if "scheduler" not in self.model_fields_set:
             self.scheduler = Scheduler(type="fifo")
         elif self.scheduler.type == "asha":

@@ -82,8 +82,9 @@ def make_plan(p: JobPayload, study: optuna.Study) -> dict[str, Any]:
     """The configurations and seeds to confirm (see the module docstring)."""
     spec = p.study_spec
     conf = spec.confirm
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    done.sort(key=lambda t: (-t.value if spec.objective.mode == "max" else t.value, t.number))
+    # the primary objective (``values[0]``; ``value`` raises on a multi-objective study's trials)
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    done.sort(key=lambda t: (-t.values[0] if spec.objective.mode == "max" else t.values[0], t.number))
     configs: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}
     for t in done:
@@ -91,7 +92,7 @@ def make_plan(p: JobPayload, study: optuna.Study) -> dict[str, Any]:
         if key in seen:
             continue
         c = {"label": f"trial #{t.number}", "role": "candidate", "trial": t.number, "params": dict(t.params),
-             "search_value": t.value}
+             "search_value": t.values[0]}
         seen[key] = c
         configs.append(c)
         if len(configs) >= conf.top_k:

@@ -106,6 +106,8 @@ def test_confirm_is_off_by_default_and_on_with_defaults():
     ({"confirm": {"sedes": 3}}, ("confirm", "sedes")),
     ({"confirm": {"top_k": 5}, "budget": {"num_trials": 4}}, ("confirm", "top_k")),
     ({"objective": {"selection": "first"}}, ("objective", "selection")),
+    ({"objective": {"metric": "val_acc", "selection": "best", "also": [{"metric": "epoch_time_s", "mode": "min"}]},
+      "scheduler": {"type": "fifo"}}, ("objective", "selection")),
 ])
 def test_confirm_and_selection_rules(kw, loc):
     with pytest.raises(ValidationError) as ei:
@@ -151,6 +153,22 @@ def test_plan_top_k_reference_seeds_and_entries(tmp_path):
     p1 = payload(tmp_path, confirm={"top_k": 4, "seeds": 1})
     roles = {c["label"]: c["role"] for c in make_plan(p1, study)["configs"]}
     assert roles == {"trial #1": "candidate", "trial #3": "candidate", "trial #0": "candidate+reference"}
+
+
+def test_plan_of_a_multi_objective_study_ranks_by_the_primary_objective(tmp_path):
+    """objective.also + confirm: candidates by values[0] (a multi-objective trial has no ``value``)."""
+    from service.sweep.confirm import make_plan
+
+    p = payload(tmp_path, confirm={"top_k": 1, "seeds": 1}, scheduler={"type": "fifo"},
+                objective={"metric": "val_acc", "mode": "max", "also": [{"metric": "epoch_time_s", "mode": "min"}]})
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    d = optuna.distributions.FloatDistribution(1e-6, 1e-1, log=True)
+    dist = {"lam": d, "theta": d, "nu": d}
+    for values, lam in [([0.80, 1.0], 1e-4), ([0.90, 3.0], 1e-3), ([0.85, 0.5], 1e-5)]:
+        study.add_trial(optuna.trial.create_trial(params={"lam": lam, "theta": 1e-3, "nu": 1e-4},
+                                                  distributions=dist, values=values))
+    plan = make_plan(p, study)
+    assert plan["configs"][0]["label"] == "trial #1" and plan["configs"][0]["search_value"] == 0.90
 
 
 def test_confirm_searcher_hands_out_each_run_once(tmp_path):
