@@ -272,7 +272,7 @@ def run_confirmation(driver: Any, study: optuna.Study, echo: Callable[[str], Non
 
 def registered_run(summary: dict[str, Any], study: optuna.Study) -> Any | None:
     """The run to register: the confirmed best configuration's run with the highest val_acc, as an
-    object ``register_best`` takes (``number``, ``value``, ``user_attrs``)."""
+    object ``register_best`` takes (``number``, ``value``, ``values``, ``user_attrs``)."""
     from types import SimpleNamespace
 
     runs = dict(study.user_attrs.get(RUNS_ATTR) or {})
@@ -281,7 +281,7 @@ def registered_run(summary: dict[str, Any], study: optuna.Study) -> Any | None:
     if not cands:
         return None
     key, r = max(cands, key=lambda kr: (kr[1]["val_acc"], -int(kr[1]["seed"])))
-    return SimpleNamespace(number=f"confirm:{key}", value=r["val_acc"], user_attrs={
+    return SimpleNamespace(number=f"confirm:{key}", value=r["val_acc"], values=[r["val_acc"]], user_attrs={
         "mlflow_run_id": r.get("mlflow_run_id"), "checkpoint_uri": r.get("checkpoint_uri"),
         "tune_trial_id": r.get("tune_trial_id"), "best_epoch": r.get("epochs"),
         "tune_experiment": summary.get("experiment"), "test_acc": r.get("test_acc"), "seed": r.get("seed")})

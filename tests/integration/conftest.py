@@ -162,16 +162,17 @@ def wait_for_status(api: httpx.Client, study_id: str, statuses: set[str], timeou
     return wait_until(poll, timeout=timeout, interval=1.0, what=f"study {study_id} to reach {sorted(statuses)}")
 
 
-@pytest.fixture(scope="session")
-def cluster(request, tmp_path_factory):
-    """Ray head + MLflow server for driver-level tests: the session ``stack`` when it starts, else a
-    stack without the API."""
+@pytest.fixture(scope="module")
+def cluster(request, _stacks, tmp_path_factory):
+    """Ray head + MLflow server for driver-level tests: the session's SQLite stack when it starts, else a
+    stack without the API. Module scope, asked of ``_stacks`` each time: a [postgres] test in between
+    stops the SQLite stack, and the next module gets it started again rather than a stale address."""
     from types import SimpleNamespace
     from pathlib import Path
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
-        st = request.getfixturevalue("stack")
+        st = request.getfixturevalue("stack") if os.environ.get("BONN_SWEEP_TEST_STACK_HOME") else _stacks.get("sqlite")
         yield SimpleNamespace(dashboard=st.ray_dashboard_url, mlflow_uri=st.mlflow_uri, home=Path(st.home))
         return
     except Exception as exc:  # noqa: BLE001 - e.g. the API of the shared stack does not start

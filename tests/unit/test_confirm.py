@@ -218,3 +218,18 @@ def test_record_run_writes_each_run_once_and_the_summary():
     s = study.user_attrs[SUMMARY_ATTR]
     assert s["runs_done"] == 1 and s["status"] == "running"
     assert summarize(plan, study.user_attrs[RUNS_ATTR], final=True)["status"] == "incomplete"
+
+
+def test_registered_run_has_what_register_best_reads():
+    """register_best reads ``number``, ``values[0]`` and ``user_attrs`` of what it registers."""
+    from service.sweep.confirm import RUNS_ATTR, registered_run
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(RUNS_ATTR, {
+        "trial #1/seed1": {"label": "trial #1", "seed": 1, "val_acc": 0.9, "test_acc": 0.88, "mlflow_run_id": "a"},
+        "trial #1/seed2": {"label": "trial #1", "seed": 2, "val_acc": 0.95, "test_acc": 0.91, "mlflow_run_id": "b"},
+        "reference/seed1": {"label": "reference", "seed": 1, "val_acc": 0.99, "test_acc": 0.5, "mlflow_run_id": "c"},
+    })
+    run = registered_run({"best": "trial #1", "experiment": "x-confirm"}, study)
+    assert run.number == "confirm:trial #1/seed2" and run.values[0] == run.value == 0.95
+    assert run.user_attrs["mlflow_run_id"] == "b" and run.user_attrs["test_acc"] == 0.91
