@@ -53,6 +53,10 @@ def save_tune_state_often() -> str:
     period = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S") or os.environ.get("BONN_SWEEP_TUNE_STATE_PERIOD_S") \
         or TUNE_STATE_PERIOD_S
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = period
+    # Frequent snapshots are the point here, and ``checkpoints.keep`` (``num_to_keep=1``) makes Tune force
+    # one whenever a trial checkpoints: Ray's "snapshotting triggered multiple times" warning would then
+    # repeat every epoch in the job log. A value set in the environment still wins.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return period
 
 

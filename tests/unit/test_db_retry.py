@@ -59,9 +59,11 @@ def test_retrying_storage_works_and_pickles(tmp_path) -> None:  # noqa: ANN001
 def test_tune_state_saved_about_every_second(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
     monkeypatch.delenv("BONN_SWEEP_TUNE_STATE_PERIOD_S", raising=False)
+    monkeypatch.delenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", raising=False)
     assert save_tune_state_often() == "1"
     import os
 
     assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "1"
+    assert os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] == "0"  # snapshots are by design
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "30")  # the operator's value wins
     assert save_tune_state_often() == "30"
