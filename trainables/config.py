@@ -429,3 +429,8 @@ class TrainConfig(RuntimeConfig, DataConfig, ModelConfig, BonnUpdatesConfig, Sch
 
 TRIAL_CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
 assert TRIAL_CONFIG_KEYS == tuple(f.name for chapter, _, _ in _CHAPTERS for f in dataclasses.fields(chapter))
+# every field has a rule: a chapter's validator returns exactly its fields (a field left out of its rules
+# would otherwise keep an unvalidated value through ``cls(**out)``)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+assert all(set(validate(_DEFAULTS)) == {f.name for f in dataclasses.fields(chapter)}
+           for chapter, validate, _ in _CHAPTERS), "a TrainConfig field without a validation rule"

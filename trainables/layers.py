@@ -194,9 +194,7 @@ class XnorConv2d(nn.Conv2d):
 
 def _binarize_input(conv: BonnConv2d | XnorConv2d, x: torch.Tensor) -> torch.Tensor:
     """``sign(x)`` of a binary conv's input, with the layer's pseudo-gradient and sign implementation."""
-    if conv.act_sign is None:
-        return ACT_STES[conv.act_ste].apply(x, conv.act_clip)
-    return ACT_STES[conv.act_ste].apply(x, conv.act_clip, conv.act_sign)
+    return ACT_STES[conv.act_ste].apply(x, conv.act_clip, conv.act_sign)  # act_sign None: binarize.sign
 
 
 def set_activation_sign(module: nn.Module, sign_fn) -> None:

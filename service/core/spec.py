@@ -141,12 +141,6 @@ class Confirm(_Strict):
     top_k: int = Field(1, ge=1, le=10, description="how many of the search's best configurations to confirm")
     epochs: int | None = Field(None, ge=1, description="epochs of a confirmation run; null = the trial's epochs")
     reference: bool = Field(True, description="also confirm the search space's first warm-start point")
-#: ``checkpoints.keep``: what Tune keeps per trial in its storage (the latest is always kept: resume).
-CHECKPOINT_KEEP = ("best_and_last", "last", "all")
-#: ``checkpoints.upload``: which epochs' checkpoints a trial's MLflow run gets.
-CHECKPOINT_UPLOAD = ("best_and_last", "improved", "all", "none")
-
-
 class Checkpoints(_Strict):
     """Checkpoint retention per trial (docs/contracts.md, "Checkpoint retention").
 

@@ -213,7 +213,7 @@ def run_confirmation(driver: Any, study: optuna.Study, echo: Callable[[str], Non
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from service.sweep.mlflow_callback import MLflowStudyCallback
+    from service.sweep.mlflow_callback import MLflowStudyCallback, spool_dir_for, upload_policy
     from service.sweep.searcher import StudySearchGenerator
     from service.sweep.tuner import build_tuner, join_uri
 
@@ -244,11 +244,11 @@ def run_confirmation(driver: Any, study: optuna.Study, echo: Callable[[str], Non
             return {"confirm.config": e.get("label", ""), "confirm.seed": str(e.get("seed", ""))}
 
         tracker = MLflowStudyCallback(
-            tracking_uri=p.mlflow_tracking_uri, experiment_id=driver._experiment_id(),
+            tracking_uri=p.mlflow_tracking_uri, experiment_id=driver.experiment_id,
             parent_run_id=p.parent_run_id, study_id=p.study_id, metric="val_acc", mode="max",
-            default_epochs=plan["epochs"], max_t=None, upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD") or p.study_spec.checkpoints.upload,
+            default_epochs=plan["epochs"], max_t=None, upload=upload_policy(p.study_spec),
             echo=echo, selection="last", stage=STAGE, trial_tags=tags,
-            spool_dir=None if "://" in exp_path else os.path.join(exp_path, "mlflow-spool"),
+            spool_dir=spool_dir_for(exp_path),
         )
         driver.tracker = tracker
         recorder = ConfirmRecorder(study, searcher, tracker, plan, echo)

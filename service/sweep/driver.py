@@ -120,6 +120,7 @@ class StudyDriver:
         self.t_start = time.monotonic()
         self.tracker = None  # the MLflow callback, once built
         self.analysis = None  # service.sweep.analysis.StudyAnalysis, once built
+        self.experiment_id: str | None = None  # the study's MLflow experiment, resolved once in _run
 
     @property
     def client(self):
@@ -189,7 +190,7 @@ class StudyDriver:
         p = self.p
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = make_storage(p.optuna_storage)
-        experiment_id = self._experiment_id()
+        experiment_id = self.experiment_id = self._experiment_id()
         self.parent.start(p.study_id)
         connect_ray(echo)
         self._catch_cancel()
@@ -202,7 +203,7 @@ class StudyDriver:
             echo(f"study {p.study_id}: the search has ended before; going on with the confirmation")
             return self._conclude(study, None)
         restoring = tune.Tuner.can_restore(exp_path)
-        num_trials, grid = self._trials_to_run(storage, restoring)
+        num_trials, grid = self._trials_to_run(study, restoring)
         save_tune_state_often()
         search = self._build_search(storage, experiment_id, exp_path, num_trials, grid)
         tuner = build_tuner(p, exp_path=exp_path, restoring=restoring, search_alg=search.generator,
@@ -216,10 +217,10 @@ class StudyDriver:
         return self._conclude(search.searcher.study, search.monitor)
 
     # -- the steps of _run -------------------------------------------------------------------------
-    def _trials_to_run(self, storage, restoring: bool) -> tuple[int, dict | None]:
+    def _trials_to_run(self, existing, restoring: bool) -> tuple[int, dict | None]:
         """``(trials this run may create, the grid of a grid sampler)``: the requested number, capped
-        by the grid's size; without Tune state, less the Optuna trials that already finished (their
-        RUNNING ones are orphans of a crashed driver: FAIL)."""
+        by the grid's size; without Tune state, less the trials of the ``existing`` Optuna study (None:
+        none yet) that already finished (its RUNNING ones are orphans of a crashed driver: FAIL)."""
         import optuna
 
         from service.sweep.samplers import grid_size
@@ -233,7 +234,6 @@ class StudyDriver:
                 num_trials = grid_size(grid)
         if restoring:
             return num_trials, grid
-        existing = _load_study_or_none(self.p.study_id, storage)
         if existing is not None:
             n = fail_running_trials(existing)
             done = len(existing.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
@@ -250,7 +250,7 @@ class StudyDriver:
 
     def _build_search(self, storage, experiment_id: str, exp_path: str, num_trials: int,
                       grid: dict | None) -> Search:
-        from service.sweep.mlflow_callback import MLflowStudyCallback
+        from service.sweep.mlflow_callback import MLflowStudyCallback, spool_dir_for, upload_policy
         from service.sweep.searcher import (
             DefineByRun,
             StudyConcurrencyLimiter,
@@ -291,13 +291,11 @@ class StudyDriver:
             mode=mode,
             default_epochs=DEFAULT_EPOCHS,
             max_t=p.max_t,
-            # the StudySpec's checkpoints.upload; $BONN_SWEEP_CHECKPOINT_UPLOAD (older setups) overrides it
-            upload=os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD") or spec.checkpoints.upload,
+            upload=upload_policy(spec),
             optuna_link=searcher,
             echo=echo,
             selection=spec.objective.selection,
-            # checkpoints wait here while MLflow is unreachable (a restored sweep finds them again)
-            spool_dir=None if "://" in exp_path else str(Path(exp_path) / "mlflow-spool"),
+            spool_dir=spool_dir_for(exp_path),
         )
         self.tracker = tracker
         monitor = StudyMonitor(
@@ -369,11 +367,10 @@ class StudyDriver:
         p, metric = self.p, self.p.study_spec.objective.metric
         if self.analysis is not None:
             self.analysis.log(study, final=True)  # the study's plots, final
-        counts = _state_counts(study)
         orphans = fail_running_trials(study)  # hygiene: nothing can continue these any more
         if orphans:
             echo(f"marked {orphans} leftover RUNNING Optuna trial(s) FAIL")
-            counts = _state_counts(study)
+        counts = _state_counts(study)
 
         if monitor is not None and monitor.failure_limit_hit:
             msg = (f"{monitor.failed} trials failed "

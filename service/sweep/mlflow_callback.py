@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -72,6 +73,17 @@ NON_METRIC_KEYS = frozenset({
 #: per-epoch metrics also kept as trial attributes (the API's trial view shows the last value)
 DYNAMICS_ATTRS = ("flip_frac", "flip_frac_init", "bimodality")
 UPLOAD_POLICIES = ("all", "improved", "best_and_last", "none")
+
+
+def upload_policy(spec: Any) -> str:
+    """The StudySpec's ``checkpoints.upload``; ``$BONN_SWEEP_CHECKPOINT_UPLOAD`` (older setups) overrides it."""
+    return os.environ.get("BONN_SWEEP_CHECKPOINT_UPLOAD") or spec.checkpoints.upload
+
+
+def spool_dir_for(exp_path: str) -> str | None:
+    """Where checkpoints wait while MLflow is unreachable, inside the Tune experiment (a restored sweep
+    finds them again); None on remote Tune storage (the outbox then spools to a temporary folder)."""
+    return None if "://" in exp_path else os.path.join(exp_path, "mlflow-spool")
 
 
 def resolved_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -49,10 +49,7 @@ def compiled_sign() -> Callable[[torch.Tensor], torch.Tensor]:
     fast = SafeCompiled(sign_traceable, dynamic=True)
 
     def compiled_sign_(x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return sign_traceable(x)
-        if x.is_cuda:
-            return fast(x)
-        return sign(x)
+        # binarize.sign already takes the traceable form inside a compiled region
+        return fast(x) if x.is_cuda and not torch.compiler.is_compiling() else sign(x)
 
     return compiled_sign_

@@ -50,8 +50,8 @@ def get_report(study_id: str, service: StudyServiceDep,
     from service.core.report import build_report, render_html, report_json
 
     row = service.get(study_id)
-    public = study_public(service, row).model_dump(mode="json")
     view = service.optuna_view(row.id)
+    public = study_public(service, row, view).model_dump(mode="json")
     trials = [trial_public(t).model_dump(mode="json") for t in view.trials]
     ostudy = _optuna_study(service, row.id) if view.exists else None
     report = build_report(public, trials, ostudy, warm_start=_warm_start(row.spec or {}),

@@ -164,10 +164,11 @@ def best_trial(view: StudyView, mode: str, selection: str = "best") -> BestTrial
     )
 
 
-def study_public(service: StudyService, row: Study) -> StudyPublic:
+def study_public(service: StudyService, row: Study, view: StudyView | None = None) -> StudyPublic:
+    """The study as the API shows it; ``view``: its Optuna view when the caller has read it already."""
     spec = row.spec
     objective = {"metric": "val_acc", "mode": "max", "selection": "last", **(spec.get("objective") or {})}
-    view = service.optuna_view(row.id)
+    view = view if view is not None else service.optuna_view(row.id)
     summary = study_summary(service, row)
     summary.links.optuna_dashboard = _dashboard_link(service, getattr(view, "optuna_study_id", None))
     return StudyPublic(
