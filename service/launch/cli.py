@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--db", default=None, metavar="URL",
                     help="postgresql://user[:password]@host[:port][/prefix]: keep the study store, Optuna and "
                          "MLflow on that server (default: BONN_SWEEP_DB_URL, else SQLite in the home folder)")
+    up.add_argument("--gpus", type=int, default=None, metavar="N",
+                    help="GPUs the stack offers to trials (default: every GPU visible here)")
+    up.add_argument("--mps", action="store_true", default=None,
+                    help="run an NVIDIA MPS daemon of the stack's own, so trials sharing a GPU "
+                         "(gpus_per_trial < 1) run concurrently instead of time-sliced (also BONN_SWEEP_MPS=1)")
     up.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `up` started (by pid)").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="processes and URLs of the local stack").set_defaults(fn=cmd_status)

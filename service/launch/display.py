@@ -44,6 +44,8 @@ def print_urls(stack: Stack) -> None:
     t.add_row("Ray dashboard", stack.ray_dashboard_url)
     t.add_row("Ray address", stack.ray_address)
     t.add_row("databases", stack.db_display)
+    t.add_row("GPUs", f"{stack.num_gpus}" + (f", MPS (pipe dir {stack.mps_dirs[0]})" if stack.mps_dirs
+                                             else (", time-sliced when shared (no --mps)" if stack.num_gpus else "")))
     if stack.optuna_dashboard_url and "optuna_dashboard" in stack.procs:
         t.add_row("Optuna dashboard", stack.optuna_dashboard_url)
     t.add_row("API key", f"{Path(stack.home) / 'api-key'}  (the CLI sends it; others: Authorization: Bearer <key>)")

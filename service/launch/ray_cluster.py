@@ -44,7 +44,8 @@ def ray_temp_dir_for(home: Path) -> tuple[Path, bool]:
 
 def spawn_ray_head(stack: Stack, ports: PortPicker, env: dict[str, str], *, object_store_mb: int = 300) -> subprocess.Popen:
     """Start the head node of ``stack`` (not waiting for it: :func:`ray_jobs_ready`); recorded as
-    ``stack.procs["ray"]``. Its internal ports come from ``ports``."""
+    ``stack.procs["ray"]``. Its internal ports come from ``ports``. It offers ``stack.num_gpus`` GPUs to
+    trials, and with MPS its processes (trials included) are clients of the stack's daemon."""
     internal_ports = {
         "--node-manager-port": ports.pick(),
         "--object-manager-port": ports.pick(),
@@ -64,7 +65,7 @@ def spawn_ray_head(stack: Stack, ports: PortPicker, env: dict[str, str], *, obje
         "--dashboard-port", str(stack.dashboard_port),
         "--include-dashboard=true",
         "--num-cpus", str(stack.num_cpus),
-        "--num-gpus", "0",
+        "--num-gpus", str(stack.num_gpus),
         "--object-store-memory", str(object_store_mb * 1024 * 1024),
         "--min-worker-port", str(wlo),
         "--max-worker-port", str(whi),
@@ -73,7 +74,7 @@ def spawn_ray_head(stack: Stack, ports: PortPicker, env: dict[str, str], *, obje
     for flag, port in internal_ports.items():
         cmd += [flag, str(port)]
     home = Path(stack.home)
-    proc, popen = spawn("ray", cmd, home / "logs" / "ray.log", env, cwd=home)
+    proc, popen = spawn("ray", cmd, home / "logs" / "ray.log", {**env, **stack.gpu_env()}, cwd=home)
     stack.procs["ray"] = proc
     stack.save()
     return popen
@@ -159,7 +160,8 @@ def start_ray_worker(
         cmd += ["--resources", json.dumps(resources)]
     for flag, port in internal_ports.items():
         cmd += [flag, str(port)]
-    proc, popen = spawn(name, cmd, home / "logs" / f"{name}.log", server_env(extra_env), cwd=home)
+    proc, popen = spawn(name, cmd, home / "logs" / f"{name}.log", {**server_env(extra_env), **stack.gpu_env()},
+                        cwd=home)
     stack.procs[name] = proc
     stack.worker_temp_dirs[name] = temp_dir
     stack.save()

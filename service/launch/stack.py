@@ -38,11 +38,12 @@ from pathlib import Path
 
 from service.core.db import DatabaseUnavailable, DatabaseUrlError, derive_urls, ensure_databases, redact
 from service.launch.api_server import ensure_stack_key, start_api
+from service.launch.gpu import MpsError, mps_command, mps_for, visible_gpus, wait_mps_ready
 from service.launch.mlflow_server import mlflow_health_url, spawn_mlflow
 from service.launch.optuna_dashboard import available as optuna_dashboard_available
 from service.launch.optuna_dashboard import optuna_dashboard_health_url, spawn_optuna_dashboard
 from service.launch.ports import PortPicker
-from service.launch.processes import StackError, http_ok, stop_proc, wait_healthy
+from service.launch.processes import StackError, http_ok, spawn, stop_proc, wait_healthy
 from service.launch.ray_cluster import WORKER_NODE_PREFIX, ray_jobs_ready, ray_temp_dir_for, spawn_ray_head
 from service.launch.stack_record import STACK_FILE, Stack, server_env
 
@@ -59,8 +60,15 @@ def start_stack(
     extra_env: dict[str, str] | None = None,
     db_url: str | None = None,
     with_optuna_dashboard: bool = True,
+    num_gpus: int | None = None,
+    mps: bool = False,
 ) -> Stack:
     """Start Ray head + MLflow server (+ optuna-dashboard, + API) for ``home``; returns the running :class:`Stack`.
+
+    ``num_gpus``: GPUs the head offers to trials (None: every GPU visible here, 0 without NVIDIA's
+    driver). ``mps``: run an MPS daemon of the stack's own, so trials sharing a GPU run their kernels
+    concurrently instead of time-sliced (service/launch/gpu.py); a :class:`StackError` says why when it
+    cannot start, before anything else starts.
 
     If ``{home}/stack.json`` describes a stack whose processes are all alive, that stack is returned
     unchanged; a stale file is cleaned up (its leftovers stopped) first.
@@ -76,6 +84,14 @@ def start_stack(
     if existing is not None and db_url and existing.db_url != db_url and all(existing.alive().values()):
         raise StackError(f"the stack in {home} is running on {existing.db_display}; `bonn-sweep down` it first "
                          f"to use {redact(db_url)}")
+    if existing is not None and mps and not existing.mps_dirs and all(existing.alive().values()):
+        raise StackError(f"the stack in {home} is running without MPS; `bonn-sweep down` it first to use --mps")
+    gpus = visible_gpus() if num_gpus is None else num_gpus
+    if gpus < 0:
+        raise StackError(f"--gpus must be 0 or more (got {gpus})")
+    if mps and gpus == 0:
+        raise StackError("--mps: the stack offers no GPU (--gpus 0, or none visible here); MPS shares a GPU "
+                         "between trials and needs one")
     if existing is not None:
         alive = existing.alive()
         if alive and all(alive.values()) and (existing.api_port is not None or not with_api):
@@ -107,12 +123,17 @@ def start_stack(
         num_cpus=num_cpus or os.cpu_count() or 1,
         db_url=db_url or None,
         optuna_dashboard_port=optuna_dashboard_port,
+        num_gpus=gpus,
     )
     # The driver runs as a Ray job: server_env makes this source tree importable there even without `pip install -e`.
     base_env = server_env(extra_env)
     popens: dict[str, subprocess.Popen] = {}
     t_start = time.monotonic()
     try:
+        # (0) the MPS daemon first: Ray's workers (the trials) must find it when they start CUDA
+        if mps:
+            start_mps(stack, base_env, timeout_s=min(timeout_s, 30.0))
+            say(f"MPS daemon up in {stack.timings['mps_s']:.1f}s (pipe dir {stack.mps_dirs[0]})")
         # (a) Ray head and (b) MLflow server start side by side
         popens["ray"] = spawn_ray_head(stack, ports, base_env, object_store_mb=object_store_mb)
         say(f"starting Ray head (dashboard :{dashboard_port}, GCS :{gcs_port}, temp dir {temp_dir})")
@@ -153,6 +174,25 @@ def start_stack(
     return stack
 
 
+def start_mps(stack: Stack, env: dict[str, str], timeout_s: float = 30.0) -> None:
+    """The stack's MPS daemon (``nvidia-cuda-mps-control -f``, a child in its own session recorded as
+    ``procs["mps"]``), answering before this returns; :class:`StackError` in one line if it cannot."""
+    home = Path(stack.home)
+    mps = mps_for(home)
+    try:
+        cmd = mps_command(mps)
+    except MpsError as exc:
+        raise StackError(str(exc)) from None
+    stack.mps_dirs = (mps.pipe_dir, mps.log_dir)
+    proc, popen = spawn("mps", cmd, home / "logs" / "mps.log", {**env, **mps.env()}, cwd=home)
+    stack.procs["mps"] = proc
+    stack.save()
+    try:
+        stack.timings["mps_s"] = round(wait_mps_ready(mps, popen, timeout_s), 2)
+    except MpsError as exc:
+        raise StackError(str(exc)) from None
+
+
 def check_db(db_url: str, say: Callable[[str], None] = lambda _m: None, timeout_s: float = 5.0) -> None:
     """Check ``--db`` and create its three databases when missing: :class:`StackError` with a one-line
     reason (bad URL, server unreachable, no right to create a database), the password hidden."""
@@ -175,8 +215,9 @@ def stop_stack(
 ) -> list[str]:
     """Stop what :func:`start_stack` recorded for ``home``; returns the names of processes stopped.
 
-    Order: API first (no new submissions), then Ray (its jobs get SIGTERM through the head), then
-    MLflow (last, so a stopping driver can still log). Each leader gets SIGTERM, then the rest of
+    Order: API first (no new submissions), then Ray (its jobs get SIGTERM through the head), then the
+    MPS daemon (told to ``quit`` once its clients are gone), then MLflow (last, so a stopping driver can
+    still log). Each leader gets SIGTERM, then the rest of
     its group, then SIGKILL after ``grace_s``. Only the recorded process groups and the
     recorded processes' descendants are signalled, and only if the pid still has the recorded start
     time (a stale stack.json after a reboot never kills a stranger).
@@ -187,10 +228,12 @@ def stop_stack(
         return []
     stopped = []
     workers = sorted(n for n in stack.procs if n.startswith(WORKER_NODE_PREFIX))
-    for name in ("api", *workers, "ray", "optuna_dashboard", "mlflow"):
+    for name in ("api", *workers, "ray", "mps", "optuna_dashboard", "mlflow"):
         proc = stack.procs.get(name)
         if proc is None or not proc.alive():
             continue
+        if name == "mps" and stack.mps is not None:
+            stack.mps.quit()  # after Ray: its clients are gone; then stop_proc waits for the exit
         stop_proc(proc, grace_s=grace_s, say=say)
         stopped.append(name)
     with contextlib.suppress(FileNotFoundError):

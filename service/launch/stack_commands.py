@@ -29,11 +29,24 @@ DEMO_STUDY: dict[str, Any] = {
 }
 
 
+def want_mps(flag: bool | None) -> bool:
+    """``--mps``, else ``BONN_SWEEP_MPS`` (1/true/yes/on); anything else there is a :class:`CliError`."""
+    if flag is not None:
+        return bool(flag)
+    raw = os.environ.get("BONN_SWEEP_MPS", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise CliError(f"BONN_SWEEP_MPS: expected 1/true/yes/on or 0/false/no/off, got {raw!r}")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         stack = start_stack(home_of(args), num_cpus=args.num_cpus, prefer_default_ports=True, log=say_dim,
-                            db_url=getattr(args, "db", None) or os.environ.get("BONN_SWEEP_DB_URL") or None)
+                            db_url=getattr(args, "db", None) or os.environ.get("BONN_SWEEP_DB_URL") or None,
+                            num_gpus=getattr(args, "gpus", None), mps=want_mps(getattr(args, "mps", None)))
     except StackError as exc:
         raise CliError(f"bonn-sweep up failed: {exc}") from None
     console.print(f"[green]up[/green] in {time.monotonic() - t0:.1f}s (home {stack.home})")
@@ -71,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console.print(f"starting the embedded stack in {home} ...")
         try:
             stack = start_stack(home, prefer_default_ports=True, log=say_dim,
-                                db_url=os.environ.get("BONN_SWEEP_DB_URL") or None)
+                                db_url=os.environ.get("BONN_SWEEP_DB_URL") or None, mps=want_mps(None))
         except StackError as exc:
             raise CliError(f"bonn-sweep up failed: {exc}") from None
         url = stack.api_url

@@ -67,6 +67,10 @@ class Stack:
     #: It may hold a password: stack.json is then written mode 0600, and only :attr:`db_display` is printed.
     db_url: str | None = None
     optuna_dashboard_port: int | None = None  # service/launch/optuna_dashboard.py (None: not started)
+    num_gpus: int = 0  # GPUs the head node offers to trials (``bonn-sweep up --gpus``)
+    #: ``--mps``: the pipe and log directories of the stack's MPS daemon (service/launch/gpu.py), whose
+    #: process is ``procs["mps"]``; None: no MPS (GPU processes are time-sliced)
+    mps_dirs: tuple[str, str] | None = None
 
     # -- addresses --------------------------------------------------------------------------------
     @property
@@ -102,6 +106,17 @@ class Stack:
     @property
     def optuna_dashboard_url(self) -> str | None:
         return f"http://127.0.0.1:{self.optuna_dashboard_port}" if self.optuna_dashboard_port else None
+
+    @property
+    def mps(self) -> Any:
+        """The stack's :class:`service.launch.gpu.Mps`, or None without ``--mps``."""
+        from service.launch.gpu import Mps
+
+        return Mps(*self.mps_dirs) if self.mps_dirs else None
+
+    def gpu_env(self) -> dict[str, str]:
+        """What a Ray node of this stack adds to its environment: the MPS client settings, if any."""
+        return self.mps.env() if self.mps_dirs else {}
 
     @property
     def home_path(self) -> Path:
@@ -172,4 +187,6 @@ class Stack:
             return None
         data = json.loads(path.read_text())
         procs = {k: Proc(**v) for k, v in data.pop("procs", {}).items()}
+        if data.get("mps_dirs"):
+            data["mps_dirs"] = tuple(data["mps_dirs"])
         return cls(**data, procs=procs)
