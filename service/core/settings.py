@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     driver_num_cpus: float = Field(0, ge=0, description="CPUs reserved for the driver process itself")
     optuna_dashboard_url: str | None = Field(
         None, description="browser URL of optuna-dashboard on the Optuna storage (linked from each study)")
+    mps: bool = Field(False, description="GPU nodes run an NVIDIA MPS daemon of their own, so trials sharing a "
+                                         "GPU run concurrently (`bonn-sweep up --mps`, the compose GPU worker; "
+                                         "service/launch/gpu.py)")
+    mps_dir: Path | None = Field(None, description="where a compose GPU node keeps its MPS pipe and log "
+                                                   "directories (default /tmp/bonn-sweep-node)")
 
     # API
     api_host: str = "127.0.0.1"
