@@ -166,7 +166,11 @@ class Resources(_Strict):
     ``data_parallel_workers`` workers, each with these resources; see trainables/tune.py)."""
 
     cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0, description="fractions share a GPU (logical, no memory cap)")
+    gpus_per_trial: float = Field(
+        0.0, ge=0,
+        description="fractions share a GPU (logical, no memory cap): 0.25 packs 4 trials per GPU. Shared GPUs are "
+                    "time-sliced unless the node runs MPS (`bonn-sweep up --mps`, BONN_SWEEP_MPS=true on compose GPU "
+                    "workers), which runs the trials' kernels concurrently; docs/cluster.md")
     data_parallel_workers: int = Field(1, ge=1, description="workers per trial; resources are per worker")
     custom: dict[str, float] = Field(
         default_factory=dict,

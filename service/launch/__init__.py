@@ -9,5 +9,6 @@ and key), display.py (what is printed), cli_errors.py (:class:`CliError` and err
 The stack: stack.py (start_stack / stop_stack) -> ray_cluster.py (head, extra nodes; ray_loopback.py
 is the ``ray start`` of an extra node), mlflow_server.py, api_server.py; stack_record.py (the
 ``stack.json`` record), ports.py, processes.py (spawn, health waits, stopping by pid and start time);
-watchdog.py (stops a stack whose starter died).
+watchdog.py (stops a stack whose starter died); gpu.py (visible GPUs, the MPS daemon of ``up --mps``),
+gpu_node.py (the compose GPU worker's command: ``ray start`` inside an MPS daemon of its own).
 """
