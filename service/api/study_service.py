@@ -49,8 +49,12 @@ def submission_id_for(study_id: str, resume_count: int = 0) -> str:
     return f"bonn-sweep-{study_id}" + (f"-r{resume_count}" if resume_count else "")
 
 
-def request_hash(spec: StudySpec) -> str:
-    return hashlib.sha256(spec.canonical_json().encode()).hexdigest()
+def request_hash(spec: StudySpec, owner: str | None = None) -> str:
+    """What an Idempotency-Key's replay must match: the canonical spec, and with ``owner`` (reads limited
+    to each key's own studies) the key that sent it, so that no other key's replay, however timed, is
+    answered with this study."""
+    text = spec.canonical_json() + (f"\nowner={owner}" if owner else "")
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -132,11 +136,11 @@ class StudyService:
     def create(self, spec: StudySpec, idempotency_key: str | None = None) -> tuple[Study, bool]:
         """Store, track, submit. Returns ``(study, created)``; ``created`` is False for an idempotent replay.
         An idempotent replay is answered even when the limits have changed since (it creates nothing)."""
-        h = request_hash(spec)
+        h = request_hash(spec, owner=self.only_own)
         if idempotency_key:
             existing = self.store.get_by_idempotency_key(idempotency_key)
             if existing is not None:
-                if existing.request_hash != h or (self.only_own is not None and existing.api_key_id != self.only_own):
+                if existing.request_hash != h:
                     raise IdempotencyConflict(idempotency_key)
                 return existing, False
         self.check_trials(spec.budget.num_trials, ["body", "budget", "num_trials"])

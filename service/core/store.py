@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, Float, Integer, String, Text, case, create_engine, event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
 class StudyStatus(enum.StrEnum):
@@ -350,27 +350,31 @@ class StudyStore:
         with self._lock, self._sessions() as s:
             if max_active is not None:  # the lock row first, then read (SQLite: no write after a read)
                 self._lock_active(s)
-            if idempotency_key is not None:
-                existing = s.scalars(select(Study).where(Study.idempotency_key == idempotency_key)).first()
-                if existing is not None:
-                    if existing.request_hash != request_hash:
-                        raise IdempotencyConflict(idempotency_key)
-                    return existing, False
+            replay = self._replay(s, idempotency_key, request_hash)
+            if replay is not None:
+                return replay, False
             self._check_active(s, max_active)
             s.add(row)
             try:
                 s.commit()
-            except IntegrityError:
+            except IntegrityError:  # an identical key committed between our read and our insert
                 s.rollback()
-                if idempotency_key is None:
+                replay = self._replay(s, idempotency_key, request_hash)
+                if replay is None:
                     raise
-                existing = s.scalars(select(Study).where(Study.idempotency_key == idempotency_key)).first()
-                if existing is None:
-                    raise
-                if existing.request_hash != request_hash:
-                    raise IdempotencyConflict(idempotency_key) from None
-                return existing, False
+                return replay, False
             return row, True
+
+    @staticmethod
+    def _replay(s: Session, idempotency_key: str | None, request_hash: str | None) -> Study | None:
+        """The study an Idempotency-Key already made (None: the key is new or absent);
+        :class:`IdempotencyConflict` when it was made by a different request."""
+        if idempotency_key is None:
+            return None
+        existing = s.scalars(select(Study).where(Study.idempotency_key == idempotency_key)).first()
+        if existing is not None and existing.request_hash != request_hash:
+            raise IdempotencyConflict(idempotency_key)
+        return existing
 
     def update(self, study_id: str, **fields: Any) -> Study:
         with self._sessions() as s:

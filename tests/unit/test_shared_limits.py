@@ -110,3 +110,34 @@ def test_without_the_setting_every_key_reads_every_study(tmp_path: Path) -> None
         assert client.get("/studies", headers=auth(key)).json()["count"] == 1
         assert client.get("/studies").status_code == 200
         store.close()
+
+
+def test_an_idempotency_key_replayed_by_another_key_is_a_conflict_even_in_a_race(tmp_path: Path) -> None:
+    """With reads limited to own studies, the owner is part of the request hash: the store itself refuses
+    another key's replay (not only the service's pre-check, which a concurrent request can slip past)."""
+    from service.api.study_service import request_hash
+    from service.core.spec import StudySpec
+    from service.core.store import IdempotencyConflict
+
+    client, _, settings = make_client(tmp_path, api_reads_own_studies=True)
+    with client:
+        store = StudyStore(settings.store_url or "")
+        keys = {}
+        for name in ("alice", "bob"):
+            key_id, key = new_key()
+            store.add_api_key(key_id, hash_key(key), name)
+            keys[name] = (key_id, key)
+        headers = {"Idempotency-Key": "shared-key"}
+        r = client.post("/studies", json=SPEC, headers={**auth(keys["alice"][1]), **headers})
+        assert r.status_code == 201, r.text
+        assert client.post("/studies", json=SPEC, headers={**auth(keys["alice"][1]), **headers}).status_code == 200
+        r = client.post("/studies", json=SPEC, headers={**auth(keys["bob"][1]), **headers})
+        assert r.status_code == 409, r.text
+        # the race: bob's request reached the store's insert before alice's row was visible to its pre-check
+        spec = StudySpec.model_validate(SPEC)
+        assert request_hash(spec, owner=keys["alice"][0]) != request_hash(spec, owner=keys["bob"][0])
+        with pytest.raises(IdempotencyConflict):
+            store.create(name="x", spec_json=spec.canonical_json(), num_trials=1, idempotency_key="shared-key",
+                         request_hash=request_hash(spec, owner=keys["bob"][0]))
+        assert client.get("/studies", headers=auth(KEY)).json()["count"] == 1
+        store.close()
