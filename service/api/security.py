@@ -85,12 +85,21 @@ class TokenBucket:
                     self._buckets.pop(k, None)
             return wait
 
+    def give_back(self, name: str) -> None:
+        """Return the token a :meth:`take` took (the request was refused elsewhere after all)."""
+        with self._lock:
+            if name in self._buckets:
+                tokens, last = self._buckets[name]
+                self._buckets[name] = (min(self.burst, tokens + 1.0), last)
+
 
 class SharedBucket:
     """The token buckets in the study store (``rate_buckets``, :meth:`StudyStore.take_token`), shared by
-    every API process on that database. Blocking: call it from a worker thread. When the store cannot
-    be reached the process's own :class:`TokenBucket` answers (the limit then holds per process) and a
-    warning says so, at most once a minute."""
+    every API process on that database. Blocking: call it from a worker thread. The process's own
+    :class:`TokenBucket` is asked first: it sees a subset of the requests the shared one sees, so when it
+    refuses the shared one would too, and the refusal costs no database write. When the store cannot
+    be reached the local bucket's answer stands (the limit then holds per process) and a warning says
+    so, at most once a minute."""
 
     def __init__(self, rate: float, burst: int, store_getter: Callable[[], Any]) -> None:
         self.rate = rate
@@ -100,17 +109,21 @@ class SharedBucket:
         self._warned = -math.inf
 
     def take(self, name: str) -> float:
+        wait = self.local.take(name)
         store = self.store_getter()
-        if self.rate <= 0 or store is None:
-            return self.local.take(name)
+        if wait > 0 or self.rate <= 0 or store is None:
+            return wait
         try:
-            return store.take_token(name, self.rate, self.burst, time.time())
+            shared_wait = store.take_token(name, self.rate, self.burst, time.time())
+            if shared_wait > 0:  # refused by the shared count: the local token was not spent
+                self.local.give_back(name)
+            return shared_wait
         except Exception as exc:  # noqa: BLE001 - the database restarting: keep answering, limit per process
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
                 log.warning("rate limit: the study store is not reachable (%s); limiting per process meanwhile",
                             type(exc).__name__)
-            return self.local.take(name)
+            return wait
 
 
 class KeyProvider:
@@ -198,9 +211,10 @@ class SecurityMiddleware:
         self.app = app
         self.settings = settings
         self.keys = keys
-        self.bucket = TokenBucket(settings.api_rate_limit_per_s, settings.api_rate_limit_burst)
-        self.shared = (SharedBucket(settings.api_rate_limit_per_s, settings.api_rate_limit_burst, keys.store_getter)
-                       if settings.api_rate_limit_shared and settings.api_rate_limit_per_s > 0 else None)
+        rate, burst = settings.api_rate_limit_per_s, settings.api_rate_limit_burst
+        self.shared = (SharedBucket(rate, burst, keys.store_getter)
+                       if settings.api_rate_limit_shared and rate > 0 else None)
+        self.bucket = self.shared.local if self.shared is not None else TokenBucket(rate, burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

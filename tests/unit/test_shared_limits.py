@@ -141,3 +141,25 @@ def test_an_idempotency_key_replayed_by_another_key_is_a_conflict_even_in_a_race
                          request_hash=request_hash(spec, owner=keys["bob"][0]))
         assert client.get("/studies", headers=auth(KEY)).json()["count"] == 1
         store.close()
+
+
+def test_the_shared_bucket_refuses_locally_first_without_a_database_write() -> None:
+    from service.api.security import SharedBucket
+
+    class Store:
+        def __init__(self, answers):
+            self.answers, self.calls = list(answers), 0
+
+        def take_token(self, name, rate, burst, now):
+            self.calls += 1
+            return self.answers.pop(0)
+
+    store = Store([0.0, 0.0])
+    bucket = SharedBucket(0.001, 2, lambda: store)
+    assert [bucket.take("key:a") for _ in range(2)] == [0.0, 0.0] and store.calls == 2
+    assert bucket.take("key:a") > 0 and store.calls == 2, "the local bucket is empty: no database call"
+    # refused by the shared count (other processes spent it): the local token is given back
+    other = Store([5.0, 0.0])
+    b2 = SharedBucket(0.001, 1, lambda: other)
+    assert b2.take("key:b") == 5.0
+    assert b2.take("key:b") == 0.0 and other.calls == 2
