@@ -70,9 +70,11 @@ def build_report(study: dict[str, Any], trials: list[dict[str, Any]], optuna_stu
 
         target = str(objective.get("metric") or "objective")
         try:
-            imp = study_plots.importances(optuna_study)
+            snap = study_plots.snapshot(optuna_study)  # one read of the storage, one fANOVA fit
+            ev = study_plots.fanova_once()
+            imp = study_plots.importances(snap, ev)
             report["importances"] = imp
-            divs = study_plots.figures_html(optuna_study, imp, target) if with_plots else {}
+            divs = study_plots.figures_html(snap, imp, target, ev) if with_plots else {}
         except Exception as exc:  # noqa: BLE001 - a report without plots beats no report
             divs = {}
             report["plots_error"] = f"{type(exc).__name__}: {exc}"

@@ -8,6 +8,11 @@ self-contained interactive HTML page (``optuna.visualization``, plotly; plotly.j
 page works offline). :func:`figures_html` gives the same plots as HTML fragments (the study report,
 ``service.core.report``). Optuna, plotly and matplotlib are imported lazily: the API starts light.
 
+Each drawing reads the study once: :func:`render` (and the report) work on :func:`snapshot`, an
+in-memory copy of its trials, so a refresh costs one read of the storage however many plots query
+the trials; and fANOVA is fitted once per drawing (:class:```fanova_once``), though the importances, the
+PNG and the HTML importance plot all ask for it.
+
 Plots need at least two finished trials with a value; a plot Optuna cannot draw for the study (a
 contour with one searched parameter) is left out and named in ``skipped``.
 """
@@ -39,14 +44,48 @@ def primary_target(study) -> Callable | None:
     return (lambda t: t.values[0]) if len(study.directions) > 1 else None
 
 
-def importances(study) -> dict[str, float]:
-    """fANOVA importance of each searched parameter (over COMPLETE trials; seed 0); {} when it cannot be had."""
+def snapshot(study):
+    """An in-memory copy of ``study`` (its trials, directions, name and user attrs), read from its storage
+    once: what every plot of one drawing queries."""
+    import optuna
+
+    copy = optuna.create_study(directions=study.directions, study_name=study.study_name)
+    copy.add_trials(study.get_trials(deepcopy=False))
+    for k, v in study.user_attrs.items():
+        copy.set_user_attr(k, v)
+    return copy
+
+
+def fanova_once():
+    """An importance evaluator that fits fANOVA (seed 0) once and answers every later call from that fit
+    (one drawing: the importances, and the importance plot of each backend)."""
+    from optuna.importance import BaseImportanceEvaluator, FanovaImportanceEvaluator
+
+    class FanovaOnce(BaseImportanceEvaluator):
+        def __init__(self) -> None:
+            self._inner = FanovaImportanceEvaluator(seed=0)
+            self._cache: dict[tuple | None, dict[str, float]] = {}
+            self.fits = 0
+
+        def evaluate(self, study, params=None, *, target=None) -> dict[str, float]:
+            key = tuple(params) if params is not None else None
+            if key not in self._cache:
+                self.fits += 1
+                self._cache[key] = self._inner.evaluate(study, params=params, target=target)
+            return dict(self._cache[key])
+
+    return FanovaOnce()
+
+
+def importances(study, evaluator=None) -> dict[str, float]:
+    """fANOVA importance of each searched parameter (over COMPLETE trials; seed 0); {} when it cannot be had.
+    ``evaluator``: a :func:`fanova_once` of the drawing, so later plots reuse the fit."""
     import optuna
 
     if len([t for t in finished_trials(study) if t.state.name == "COMPLETE"]) < 2:
         return {}  # fANOVA over one point says nothing
     try:
-        ev = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        ev = evaluator or optuna.importance.FanovaImportanceEvaluator(seed=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             imp = optuna.importance.get_param_importances(study, evaluator=ev, target=primary_target(study))
@@ -67,10 +106,8 @@ def contour_params(study, imp: dict[str, float]) -> list[str] | None:
     return top if len(top) == 2 else None
 
 
-def _figures(study, imp: dict[str, float], target_name: str, backend) -> dict[str, Callable[[], Any]]:
-    import optuna
-
-    ev = optuna.importance.FanovaImportanceEvaluator(seed=0)
+def _figures(study, imp: dict[str, float], target_name: str, backend, ev=None) -> dict[str, Callable[[], Any]]:
+    ev = ev or fanova_once()
     pair = contour_params(study, imp)
     tg = {"target": primary_target(study), "target_name": target_name}
     figs: dict[str, Callable[[], Any] | None] = {
@@ -143,10 +180,12 @@ def render(study, out_dir: str, target_name: str = "val_acc", png: bool = True, 
 
     os.makedirs(out_dir, exist_ok=True)
     result: dict[str, Any] = {"plots": [], "skipped": {}, "importances": {}, "html": None}
+    study = snapshot(study)
     if len(finished_trials(study)) < 2:
         result["skipped"] = {name: "fewer than two finished trials" for name in PLOTS}
         return result
-    imp = importances(study)
+    ev = fanova_once()
+    imp = importances(study, ev)
     result["importances"] = imp
     with open(os.path.join(out_dir, "importances.json"), "w") as f:
         json.dump({"evaluator": "fanova", "seed": 0, "importances": imp}, f, indent=2)
@@ -155,20 +194,21 @@ def render(study, out_dir: str, target_name: str = "val_acc", png: bool = True, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning of the matplotlib backend
         if png:
-            _render_png(study, imp, target_name, pruned, out_dir, result)
+            _render_png(study, imp, target_name, pruned, out_dir, result, ev)
         if html:
-            _render_html(study, imp, target_name, pruned, out_dir, result)
+            _render_html(study, imp, target_name, pruned, out_dir, result, ev)
+    result["fanova_fits"] = ev.fits
     return result
 
 
-def _render_png(study, imp, target_name, pruned, out_dir, result) -> None:
+def _render_png(study, imp, target_name, pruned, out_dir, result, ev) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as mpl_backend
 
-    for name, make in _figures(study, imp, target_name, mpl_backend).items():
+    for name, make in _figures(study, imp, target_name, mpl_backend, ev).items():
         if make is None:
             result["skipped"][name] = ("needs two completed trials" if name == "param_importances"
                                        else "needs two searched parameters")
@@ -187,15 +227,17 @@ def _render_png(study, imp, target_name, pruned, out_dir, result) -> None:
             plt.close("all")
 
 
-def figures_html(study, imp: dict[str, float], target_name: str = "val_acc") -> dict[str, str]:
-    """Each plot as an HTML ``<div>`` (plotly, without plotly.js: the page includes it once)."""
+def figures_html(study, imp: dict[str, float], target_name: str = "val_acc", ev=None,
+                 pruned: dict[int, tuple[int, float]] | None = None) -> dict[str, str]:
+    """Each plot as an HTML ``<div>`` (plotly, without plotly.js: the page includes it once). Pass a
+    :func:`snapshot` and the drawing's :func:`fanova_once` to read the storage and fit fANOVA once."""
     from optuna import visualization as plotly_backend
 
     out = {}
-    pruned = _pruned(study)
+    pruned = _pruned(study) if pruned is None else pruned
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, make in _figures(study, imp, target_name, plotly_backend).items():
+        for name, make in _figures(study, imp, target_name, plotly_backend, ev).items():
             if make is None:
                 continue
             try:
@@ -208,8 +250,8 @@ def figures_html(study, imp: dict[str, float], target_name: str = "val_acc") -> 
     return out
 
 
-def _render_html(study, imp, target_name, pruned, out_dir, result) -> None:
-    divs = figures_html(study, imp, target_name)
+def _render_html(study, imp, target_name, pruned, out_dir, result, ev) -> None:
+    divs = figures_html(study, imp, target_name, ev, pruned)
     path = os.path.join(out_dir, "study.html")
     with open(path, "w") as f:
         f.write(page(f"Study {study.study_name}", divs))

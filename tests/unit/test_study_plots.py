@@ -64,3 +64,31 @@ def test_multi_objective_study_gets_a_pareto_front_plot(tmp_path):
     res = study_plots.render(study, str(tmp_path), "val_acc")
     assert "pareto_front" in res["plots"] and "intermediate_values" not in res["plots"], res["skipped"]
     assert (tmp_path / "pareto_front.png").exists() and set(res["importances"]) == {"lam", "theta"}
+
+
+def test_a_drawing_reads_the_storage_once_and_fits_fanova_once(tmp_path):
+    """The driver's refresh (every few trials) must not query the study per plot nor refit fANOVA per plot."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
+    src = make_study()
+    study = optuna.create_study(direction="maximize", storage=storage, study_name="plots-db")
+    study.add_trials(src.get_trials())
+    running = study.ask()  # a trial still running, with a learning curve so far
+    running.report(0.4, 1)
+    study.set_user_attr("objective_names", ["val_acc"])
+    calls = {"n": 0}
+    real = study._storage.get_all_trials  # what Study.get_trials reads (Optuna's cache over the RDB)
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    study._storage.get_all_trials = counting
+    res = study_plots.render(study, str(tmp_path / "out"), "val_acc")
+    assert res["plots"] == list(study_plots.PLOTS), res["skipped"]
+    assert calls["n"] == 1, f"{calls['n']} reads of the storage for one drawing"
+    assert res["fanova_fits"] == 1
+    snap = study_plots.snapshot(study)
+    assert [t.state for t in snap.trials] == [t.state for t in study.trials]
+    assert snap.trials[-1].intermediate_values == {1: 0.4} and snap.user_attrs == study.user_attrs
+    # the same importances as a fresh fit
+    assert res["importances"] == pytest.approx(study_plots.importances(study))
