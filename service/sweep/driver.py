@@ -306,7 +306,8 @@ class StudyDriver:
         searcher.error_reason = monitor.error_reason  # the Optuna trial's `error` attr
         from service.sweep.analysis import DEFAULT_EVERY, AnalysisCallback, StudyAnalysis
 
-        self.analysis = StudyAnalysis(p.mlflow_tracking_uri, p.parent_run_id, target_name=metric, echo=echo)
+        self.analysis = StudyAnalysis(p.mlflow_tracking_uri, p.parent_run_id, target_name=metric, echo=echo,
+                                      online=tracker.online)
         every = int(os.environ.get("BONN_SWEEP_ANALYSIS_EVERY") or DEFAULT_EVERY)
         return Search(searcher=searcher, generator=generator, scheduler=make_scheduler(p), tracker=tracker,
                       monitor=monitor, analysis=AnalysisCallback(self.analysis, lambda: searcher.study, every))
