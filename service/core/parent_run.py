@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from service.core.mlflow_calls import TrackingError, flatten_params, mlflow_call, short_error
+from service.core.mlflow_calls import MAX_TAG_LEN, TrackingError, flatten_params, mlflow_call, short_error
 
 #: the MLflow run status a study's final status means
 MLFLOW_STATUS_FOR_STUDY = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED",
@@ -114,10 +114,13 @@ class ParentRun:
         self.set_tags({"status": "RUNNING", "study_id": study_id})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.run_id:
+        """All of ``tags`` in one request (``log_batch``), each value cut to MLflow's tag limit."""
+        if not self.run_id or not tags:
             return
-        for k, v in tags.items():
-            self._call(f"set_tag({k})", self.client.set_tag, self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
+        self._call(f"set_tags({', '.join(tags)})", self.client.log_batch, self.run_id, tags=batch)
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         if not self.run_id:

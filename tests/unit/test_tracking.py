@@ -431,7 +431,7 @@ def test_parent_run_has_one_owner_for_api_and_driver(exp):
     assert exp.client.get_run(run_id).info.status == "RUNNING"
     assert not warnings
     ParentRun(exp.uri, "no-such-run", tries=3, backoff_s=0.01, warn=warnings.append).set_tags({"a": 1})
-    assert len(warnings) == 1 and "set_tag(a)" in warnings[0]
+    assert len(warnings) == 1 and "set_tags(a)" in warnings[0]
     with pytest.raises(TrackingError, match="no-such-run"):
         ParentRun(exp.uri, "no-such-run").set_status("FAILED")
 
