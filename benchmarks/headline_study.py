@@ -132,7 +132,8 @@ def main() -> int:
     data_dirs = [str(home)] + ([str(Path(a.data_root).resolve().parent)] if a.data_root else [])
     env = {"BONN_SWEEP_DATA_DIRS": os.pathsep.join(data_dirs), "BONN_SWEEP_CHECKPOINT_UPLOAD": "improved"}
     os.environ.update(env)
-    stack = start_stack(home, num_cpus=a.head_cpus, with_api=True, extra_env=env, log=say)
+    # the head offers no GPU: the worker node below holds it (--worker-gpus)
+    stack = start_stack(home, num_cpus=a.head_cpus, num_gpus=0, with_api=True, extra_env=env, log=say)
     rc = 1
     try:
         if a.worker_gpus > 0:
