@@ -155,11 +155,13 @@ class Trainer:
             self._correct.zero_()
         self._steps = 0
         self._seen = 0
-        self.last_lr = self._current_lr()
+        self._last_step = self.scheduler.last_epoch
 
-    def _current_lr(self) -> float:
-        """The scheduled base learning rate (``lr`` times the schedule factor), without reading device memory."""
-        return self.cfg.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+    @property
+    def last_lr(self) -> float:
+        """The scheduled base learning rate (``lr`` times the schedule factor) of the last step taken,
+        without reading device memory; evaluated when asked (once per epoch), not every step."""
+        return self.cfg.lr * self.scheduler.lr_lambdas[0](self._last_step)
 
     def read_sums(self) -> dict[str, float]:
         """Epoch means so far (one host sync; under data parallelism one all-reduce, the same numbers on
@@ -193,7 +195,7 @@ class Trainer:
                 self._step(x, y)
         else:
             self._step(x, y, scale)
-        self.last_lr = self._current_lr()
+        self._last_step = self.scheduler.last_epoch
         self.scheduler.step()
         self._steps += 1
         self._seen += int(y.shape[0])
