@@ -1,0 +1,549 @@
+"""K trials of one architecture trained as one model (horizontal fusion, HFTA-style; docs/multi-trial.md).
+
+A *pack* of K members: K reference models (``trainables.models``, one per trial config) are stacked
+into one model whose every layer holds the K members' parameters side by side, member-major:
+
+* a conv becomes one grouped conv (``groups=K``) on activations of shape ``(B, K*C, H, W)``; the stem
+  conv, whose input is the shared image batch, becomes one conv with ``K*C_out`` output channels;
+* a ``BonnConv2d`` keeps its reference rules per member (:class:`_MemberBonnBinarize` is the rule of
+  ``trainables.binarize.BonnWeightBinarize`` with ``mean(w)`` taken per member); its latent kernels
+  are ``(K*C_out, C_in, k, k)``, ``w`` is ``(K, *w_shape)``, ``mu``/``sigma`` ``(K*C_out,)``;
+* BatchNorm and PReLU over ``K*C`` channels are per member by construction; the FC is a batched
+  matmul (``(K, O, D)`` weights); the model code of ``trainables.models`` runs unchanged on top.
+
+Losses are per member, ``(K,)`` vectors: cross-entropy, :func:`member_kernel_loss` (the objective of
+``trainables.losses.bayesian_kernel_loss`` per member, with per-member ``lam``/``nu`` tensors) and
+:class:`MemberFeatureLoss` (``BayesianFeatureLoss`` per member, its centre rule reused as is). The
+step backpropagates their sum: members share no parameter, so each parameter's gradient is its own
+member's. :class:`MemberSGD` is the SGD of ``trainables.optim`` with per-member lr / momentum /
+weight decay as device tensors, over flat per-role buffers (a few kernels per step, capturable).
+Reference math stays the specification: ``tests/unit/test_multi_trial.py`` checks K fused members
+against K separate ``Trainer`` runs. Supported: ``binarize="bonn"``, SGD, ``mu_sigma_update="sgd"``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..binarize import ACT_STES, clipped_grad, sign
+from ..config import TrainConfig
+from ..layers import BonnConv2d, XnorConv2d
+from ..losses import BayesianFeatureLoss, _CenterLossGather, clamp_prior_
+from ..models import AvgPoolPad
+from ..optim import build_param_groups
+from ..schedule import LrFactor
+from .cuda_graph import CapturedSteps
+
+__all__ = ["MemberFeatureLoss", "MemberSGD", "MultiTrainer", "PACK_KEYS", "member_kernel_loss", "stack_models"]
+
+#: config keys every member of a pack must share (the architecture, the data stream, the run length)
+PACK_KEYS = ("model", "width", "block_style", "shortcut", "dropout", "binarize", "ste_clip", "act_clip",
+             "dataset", "data_root", "val_fraction", "batch_size", "epochs", "optimizer", "mu_sigma_update")
+
+
+# ============================================================================ per-member math
+def _wb(w: torch.Tensor, X5: torch.Tensor) -> torch.Tensor:
+    """``w`` ``(K, *w_shape)`` broadcastable against ``X5`` ``(K, C_out, C_in, k, k)``."""
+    return w.view(w.shape[0], *([1] * (X5.dim() - w.dim())), *w.shape[1:])
+
+
+class _MemberBonnBinarize(torch.autograd.Function):
+    """``BonnWeightBinarize`` of every member at once: ``X`` ``(K*C_out, C_in, k, k)``, ``w``
+    ``(K, *w_shape)``; the forward kernel of member k uses ``mean(w_k)``, the backward is that
+    function's rule per member (mask ``|w X| <= clip``, ``w`` gradient summed over the member's kernels)."""
+
+    @staticmethod
+    def forward(ctx, X: torch.Tensor, w: torch.Tensor, clip: float) -> torch.Tensor:
+        ctx.save_for_backward(X, w)
+        ctx.clip = float(clip)
+        K = w.shape[0]
+        X5 = X.view(K, -1, *X.shape[1:])
+        wbar = _wb(w.flatten(1).mean(1).view(K, *([1] * (w.dim() - 1))), X5).to(X.dtype)
+        return torch.where(X5 >= 0, wbar, -wbar).view(X.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        X, w = ctx.saved_tensors
+        K = w.shape[0]
+        X5 = X.view(K, -1, *X.shape[1:])
+        wb = _wb(w, X5)
+        gm = clipped_grad(grad_out.reshape(X5.shape), wb * X5, ctx.clip)
+        gX = (gm * wb).view(X.shape) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            lead = X5.dim() - w.dim() + 1  # dims of X5 that w does not cover, after the member dim
+            gw = (gm * X5).sum(dim=tuple(range(1, lead)))
+        return gX, gw, None
+
+
+def member_kernel_loss(layers: Sequence["MultiBonnConv2d"], lam: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+    """``trainables.losses.bayesian_kernel_loss`` of each member, ``(K,)``: the same objective (value and
+    autograd gradients, see that docstring) with ``lam``, ``nu`` given per member as ``(K,)`` tensors.
+    A member with ``lam = 0`` gets a zero loss and zero gradients (the reference skips the term)."""
+    total = None
+    for m in layers:
+        K = m.members
+        X = m.weight.view(K, m.member_out, -1)  # (K, C_out, C_in k k)
+        Kel = X.shape[2]
+        X5 = m.weight.view(K, m.member_out, *m.weight.shape[1:])
+        wX = (_wb(m.w, X5) * X5).view(K, m.member_out, -1)
+        s = sign(X.detach())
+        X_hat = m.w.detach().flatten(1).mean(1).view(K, 1, 1) * s
+        recon = ((X_hat - wX) ** 2).sum((1, 2))  # Eq. 13 / Eq. 16 through autograd
+        mu, sigma = m.mu.view(K, -1, 1), m.sigma.view(K, -1, 1)
+        s2 = sigma * sigma
+        gmm_x = ((s * X - mu.detach()) ** 2 / s2.detach()).sum((1, 2))  # Eq. 13, the prior part
+        dev2 = (s * X.detach() - mu) ** 2
+        gmm_ms = ((dev2 / s2).sum(2) / Kel + torch.log(s2.squeeze(2))).sum(1)  # Eqs. 17-18
+        term = 0.5 * lam * (recon + nu * (gmm_x + gmm_ms))
+        total = term if total is None else total + term
+    return total
+
+
+class MemberFeatureLoss(nn.Module):
+    """``BayesianFeatureLoss`` of K members: ``centers``/``log_var`` ``(K, M, D)``, initialised to 0 as
+    there; ``forward(features (B, K, D), labels (B,), theta (K,))`` -> ``(K,)``. The centres' update is
+    the reference's own ``_CenterLossGather`` (members side by side in its feature dimension); their
+    per-member rate ``center_lr`` (0 while a member's feature loss is off) lives in :class:`MemberSGD`."""
+
+    def __init__(self, members: int, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.members, self.num_classes, self.dim = members, num_classes, dim
+        self.centers = nn.Parameter(torch.zeros(members, num_classes, dim))
+        self.log_var = nn.Parameter(torch.zeros(members, num_classes, dim))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        B, K, D = features.shape
+        f = features.to(self.centers.dtype)
+        labels = labels.long()
+        side_by_side = self.centers.transpose(0, 1).reshape(self.num_classes, K * D)
+        c = _CenterLossGather.apply(side_by_side, f.detach().reshape(B, K * D), labels).view(B, K, D)
+        lv = self.log_var.index_select(1, labels).transpose(0, 1)  # (B, K, D)
+        d2 = (f - c).square()
+        per_sample = (d2 + d2 * torch.exp(-lv) + lv).sum(2)  # (B, K)
+        return (0.5 * theta) * per_sample.mean(0)
+
+
+# ============================================================================ stacked layers
+def _cat(ts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if ts[0] is None else torch.cat([t.detach() for t in ts])
+
+
+class _Member:
+    """Mixin: ``member_state(k)`` = member k's tensors under the reference module's names."""
+
+    members: int
+
+    def member_state(self, k: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
+            if t is None:
+                continue
+            out[name] = t if t.dim() == 0 else t.detach().view(self.members, -1, *t.shape[1:])[k].reshape(
+                self._member_shape(name, t))
+        return out
+
+    def _member_shape(self, name: str, t: torch.Tensor) -> tuple[int, ...]:
+        return (t.shape[0] // self.members, *t.shape[1:]) if name not in self._per_member_dim0 else t.shape[1:]
+
+    _per_member_dim0: tuple[str, ...] = ()
+
+
+class MultiConv2d(_Member, nn.Conv2d):
+    """K full-precision convs: grouped (``groups=K``), or one wide conv when the input is the shared batch."""
+
+    def __init__(self, convs: Sequence[nn.Conv2d]) -> None:
+        c = convs[0]
+        if c.groups != 1 or c.padding_mode != "zeros":
+            raise NotImplementedError("multi_trial: only plain convs (groups=1, zero padding)")
+        K = len(convs)
+        super().__init__(K * c.in_channels, K * c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
+                         groups=K, bias=c.bias is not None)
+        self.members, self.member_in = K, c.in_channels
+        with torch.no_grad():
+            self.weight.data = _cat([m.weight for m in convs])
+            if self.bias is not None:
+                self.bias.data = _cat([m.bias for m in convs])
+
+    def _kernel_for(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.members > 1 and x.shape[1] == self.member_in  # the image batch, same for all
+        return F.conv2d(x, self._kernel_for(x), self.bias, self.stride, self.padding, self.dilation,
+                        1 if shared else self.members)
+
+
+class MultiBonnConv2d(MultiConv2d):
+    """K ``BonnConv2d``: the input activations' sign with the layer's STE, then the members' kernels
+    (:class:`_MemberBonnBinarize`) in one grouped conv."""
+
+    _per_member_dim0 = ("w",)
+
+    def __init__(self, convs: Sequence[BonnConv2d]) -> None:
+        super().__init__(convs)
+        c = convs[0]
+        self.member_out = c.out_channels
+        self.act_ste, self.act_clip, self.ste_clip = c.act_ste, c.act_clip, c.ste_clip
+        self.w = nn.Parameter(torch.stack([m.w.detach() for m in convs]))
+        self.mu = nn.Parameter(_cat([m.mu for m in convs]))
+        self.sigma = nn.Parameter(_cat([m.sigma for m in convs]))
+
+    def _kernel_for(self, x: torch.Tensor) -> torch.Tensor:
+        return _MemberBonnBinarize.apply(self.weight, self.w, self.ste_clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(ACT_STES[self.act_ste].apply(x, self.act_clip))
+
+
+class MultiBatchNorm2d(_Member, nn.BatchNorm2d):
+    def __init__(self, bns: Sequence[nn.BatchNorm2d]) -> None:
+        b = bns[0]
+        super().__init__(len(bns) * b.num_features, b.eps, b.momentum, b.affine, b.track_running_stats)
+        self.members = len(bns)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(b, name) is not None:
+                    getattr(self, name).copy_(_cat([getattr(m, name) for m in bns]))
+            if b.num_batches_tracked is not None:
+                self.num_batches_tracked.copy_(b.num_batches_tracked)
+
+
+class MultiPReLU(_Member, nn.PReLU):
+    def __init__(self, acts: Sequence[nn.PReLU]) -> None:
+        if acts[0].num_parameters == 1:
+            raise NotImplementedError("multi_trial: PReLU with one shared slope")
+        super().__init__(len(acts) * acts[0].num_parameters)
+        self.members = len(acts)
+        self.weight.data = _cat([a.weight for a in acts])
+
+
+class MultiLinear(_Member, nn.Module):
+    """K linear layers as one batched matmul: ``(B, K*D)`` -> ``(B, K, O)``; weight ``(K, O, D)``."""
+
+    _per_member_dim0 = ("weight", "bias")
+
+    def __init__(self, fcs: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.members = len(fcs)
+        self.weight = nn.Parameter(torch.stack([f.weight.detach() for f in fcs]))
+        self.bias = nn.Parameter(torch.stack([f.bias.detach() for f in fcs])) if fcs[0].bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xk = x.reshape(x.shape[0], self.members, -1).transpose(0, 1)  # (K, B, D)
+        wt = self.weight.transpose(1, 2)
+        out = torch.bmm(xk, wt) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), xk, wt)
+        return out.transpose(0, 1)
+
+
+class MultiAvgPoolPad(AvgPoolPad):
+    """``AvgPoolPad`` with each member's channels padded on its own."""
+
+    def __init__(self, m: AvgPoolPad, members: int) -> None:
+        nn.Module.__init__(self)
+        self.stride, self.extra, self.members = m.stride, m.extra, members
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True, count_include_pad=False)
+        if self.extra:
+            B, _, H, W = x.shape
+            x = F.pad(x.view(B, self.members, -1, H, W), (0, 0, 0, 0, 0, self.extra)).view(B, -1, H, W)
+        return x
+
+
+_PASS = (nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Hardtanh, nn.ReLU, nn.Dropout, nn.Sequential, nn.ModuleList)
+
+
+def _stack_module(mods: Sequence[nn.Module]) -> nn.Module | None:
+    """The stacked module of the members' modules at one name (None: keep the module as it is)."""
+    m = mods[0]
+    if isinstance(m, XnorConv2d):
+        raise NotImplementedError("multi_trial: binarize='xnor' is not supported")
+    for cls, multi in ((BonnConv2d, MultiBonnConv2d), (nn.Conv2d, MultiConv2d), (nn.BatchNorm2d, MultiBatchNorm2d),
+                       (nn.PReLU, MultiPReLU), (nn.Linear, MultiLinear)):
+        if isinstance(m, cls):
+            out = multi(mods)
+            out.train(m.training)
+            if getattr(m, "_backbone_conv", False):
+                out._backbone_conv = True
+            return out
+    if isinstance(m, AvgPoolPad):
+        return MultiAvgPoolPad(m, len(mods))
+    if isinstance(m, _PASS) or not (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))):
+        return None
+    raise NotImplementedError(f"multi_trial: cannot stack {type(m).__name__}")
+
+
+def stack_models(models: Sequence[nn.Module]) -> nn.Module:
+    """One model that runs the K ``models`` (same architecture) side by side; ``forward(x)`` returns
+    ``(features (B, K*D), logits (B, K, O))``. The members' parameters are copied."""
+    fused = copy.deepcopy(models[0])
+    for name, _ in list(models[0].named_modules()):
+        if not name:
+            continue
+        new = _stack_module([m.get_submodule(name) for m in models])
+        if new is not None:
+            parent, _, leaf = name.rpartition(".")
+            setattr(fused.get_submodule(parent) if parent else fused, leaf, new)
+    fused.members = len(models)
+    return fused
+
+
+def member_state_dict(fused: nn.Module, k: int) -> dict[str, torch.Tensor]:
+    """Member ``k`` of a stacked model as a ``state_dict`` of the reference model (copies)."""
+    out = {}
+    for name, mod in fused.named_modules():
+        if isinstance(mod, _Member):
+            for n, t in mod.member_state(k).items():
+                out[f"{name}.{n}" if name else n] = t.clone()
+        else:
+            for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                out[f"{name}.{n}" if name else n] = t.detach().clone()
+    return out
+
+
+# ============================================================================ optimiser
+class MemberSGD:
+    """The SGD of ``trainables.optim`` (momentum, no dampening, no nesterov, weight decay added to the
+    gradient) for stacked parameters, with lr / momentum / weight decay per member *and* role.
+
+    The parameters of each role (``latent``, ``decay``, ``no_decay``, ``slow``, ``centers``) become views
+    of one flat buffer, their ``.grad`` views of another (autograd accumulates into them in place), so
+    a step is a handful of elementwise kernels per role, whatever K, and needs no host sync (capturable).
+    ``coef`` ``(R, 3, K)`` on the device holds ``(lr, momentum, weight_decay)`` per role and member; the
+    owner writes it before each step. Parameters must be dense with dim 0 outermost (member-major).
+    """
+
+    def __init__(self, roles: dict[str, list[nn.Parameter]], members: int) -> None:
+        self.members, self.names = members, list(roles)
+        first = next(p for ps in roles.values() for p in ps)
+        self.coef = torch.zeros(len(roles), 3, members, device=first.device, dtype=first.dtype)
+        self.flat, self.grad, self.buf, self.member_index = [], [], [], []
+        for ps in roles.values():
+            n_all = sum(p.numel() for p in ps)
+            flat = torch.empty(n_all, device=first.device, dtype=first.dtype)
+            grad = torch.zeros_like(flat)
+            idx, off = [], 0
+            for p in ps:
+                n = p.numel()
+                if n % members or p.stride(0) * p.shape[0] != n or not (
+                        p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
+                    raise ValueError(f"MemberSGD: parameter {tuple(p.shape)} is not dense and member-major")
+                view = torch.as_strided(flat, p.shape, p.stride(), off)
+                view.copy_(p.detach())
+                p.data = view
+                p.grad = torch.as_strided(grad, p.shape, p.stride(), off)
+                idx.append(torch.arange(n, device=flat.device) // (n // members))
+                off += n
+            self.flat.append(flat)
+            self.grad.append(grad)
+            self.buf.append(torch.zeros_like(flat))
+            self.member_index.append(torch.cat(idx))
+
+    def zero_grad(self) -> None:
+        for g in self.grad:
+            g.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for r, (flat, grad, buf, idx) in enumerate(zip(self.flat, self.grad, self.buf, self.member_index)):
+            lr, mom, wd = self.coef[r].index_select(1, idx).unbind(0)
+            d = torch.addcmul(grad, wd, flat)
+            buf.mul_(mom).add_(d)
+            flat.addcmul_(lr, buf, value=-1.0)
+
+    @torch.no_grad()
+    def nonfinite_per_member(self) -> torch.Tensor:
+        """``(K,)`` count of non-finite parameter elements of each member (on the device)."""
+        out = self.flat[0].new_zeros(self.members)
+        for flat, idx in zip(self.flat, self.member_index):
+            out.index_add_(0, idx, (~torch.isfinite(flat)).to(out.dtype))
+        return out
+
+
+# ============================================================================ trainer
+class MultiTrainer:
+    """K trials of one architecture trained together (the counterpart of ``trainables.train.Trainer``
+    for a pack): ``train_step(x, y)`` steps every member on the same batch. ``cfgs``: one
+    ``TrainConfig`` per member, equal in :data:`PACK_KEYS`; ``models``: the members' reference models
+    (built and initialised from each member's seed by the caller, e.g. :meth:`build`).
+
+    Per member: ``lam``, ``nu``, ``theta``, ``feature_loss_start_epoch``, ``lr`` and its ratios,
+    ``momentum``, ``weight_decay``, ``latent_weight_decay``, ``center_lr``, the lr schedule, the
+    initialisation. ``set_active`` freezes members (lr 0); ``read_sums``/``evaluate`` answer per member.
+    """
+
+    def __init__(self, cfgs: Sequence[TrainConfig], models: Sequence[nn.Module], num_classes: int,
+                 device: torch.device, steps_per_epoch: int, amp: bool = False, channels_last: bool = False,
+                 cuda_graph: bool = False, log: Callable[[str], None] | None = None) -> None:
+        cfgs = [c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in cfgs]
+        for key in PACK_KEYS:
+            if len({repr(getattr(c, key)) for c in cfgs}) > 1:
+                raise ValueError(f"multi_trial: members must share {key!r} (got {[getattr(c, key) for c in cfgs]})")
+        c0 = cfgs[0]
+        if (c0.binarize, c0.optimizer, c0.mu_sigma_update) != ("bonn", "sgd", "sgd"):
+            raise NotImplementedError("multi_trial: only binarize=bonn, optimizer=sgd, mu_sigma_update=sgd")
+        K = self.members = len(cfgs)
+        self.cfgs, self.device, self.amp, self.channels_last = cfgs, device, amp, channels_last
+        self.model = stack_models(models).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.layers = [m for m in self.model.modules() if isinstance(m, MultiBonnConv2d)]
+        self.feature_loss = MemberFeatureLoss(K, num_classes, models[0].feature_dim).to(device)
+
+        def per_member(f):
+            return torch.tensor([float(f(c)) for c in cfgs], device=device)
+
+        self.lam, self.nu = per_member(lambda c: c.lam), per_member(lambda c: c.nu)
+        self.theta = per_member(lambda c: c.theta)
+        self.theta_on = torch.zeros(K, device=device)  # theta while a member's feature loss is on, else 0
+        self.feature_on = [False] * K
+        # roles and per-member group settings: trainables.optim's own groups of each member
+        settings, role_of = [], {}
+        for i, (c, m) in enumerate(zip(cfgs, models)):
+            fl = BayesianFeatureLoss(num_classes, m.feature_dim, c.theta, c.center_lr)
+            groups = build_param_groups(m, fl, c, log=None)
+            settings.append({g["name"]: (g["lr"], g["momentum"], g["weight_decay"]) for g in groups})
+            if i == 0:
+                by_id = {id(p): g["name"] for g in groups for p in g["params"]}
+                role_of = {n: by_id[id(p)] for n, p in m.named_parameters()}
+                role_of.update({f"feature_loss.{n}": by_id[id(p)] for n, p in fl.named_parameters()})
+        named = list(self.model.named_parameters()) + [(f"feature_loss.{n}", p)
+                                                       for n, p in self.feature_loss.named_parameters()]
+        roles: dict[str, list[nn.Parameter]] = {}
+        for n, p in named:
+            roles.setdefault(role_of[n], []).append(p)
+        self.optimizer = MemberSGD(roles, K)
+        self.base = torch.tensor([[[s[r][j] for s in settings] for j in range(3)] for r in roles],
+                                 dtype=torch.float64)  # (R, 3, K): lr, momentum, weight decay
+        self.scheduled = torch.tensor([r != "centers" for r in roles])
+        self.centers_role = torch.tensor([r == "centers" for r in roles])
+        self.factors = [LrFactor(c.schedule, c.epochs, steps_per_epoch, c.lr_milestones, c.lr_gamma,
+                                 c.warmup_epochs) for c in cfgs]
+        self.active = torch.ones(K, dtype=torch.float64)
+        self.step_count = 0
+        self.use_graph = bool(cuda_graph) and device.type == "cuda"
+        self.captured = CapturedSteps(device, log, warmup=3)
+        self._sums = torch.zeros(K, 4, device=device)  # loss, ce, kernel, feature (batch means) per member
+        self._correct = torch.zeros(K, dtype=torch.long, device=device)
+        self.reset_sums()
+
+    @classmethod
+    def build(cls, cfgs: Sequence[TrainConfig], in_channels: int, num_classes: int, image_size: int,
+              **kw) -> "MultiTrainer":
+        """Members' models built by ``trainables.models.build_model``, each after ``manual_seed(seed)``."""
+        from ..models import build_model
+
+        models = []
+        for c in cfgs:
+            torch.manual_seed(c.seed)
+            models.append(build_model(c, in_channels, num_classes, image_size))
+        return cls(cfgs, models, num_classes, **kw)
+
+    # ------------------------------------------------------------------ per epoch / per member
+    def set_epoch(self, epoch: int) -> None:
+        """0-based; each member's feature loss is on from its ``feature_loss_start_epoch`` (if theta > 0)."""
+        self.feature_on = [c.theta > 0 and epoch >= c.feature_loss_start_epoch for c in self.cfgs]
+        on = torch.tensor(self.feature_on, dtype=self.theta.dtype, device=self.device)
+        self.theta_on.copy_(self.theta * on)  # in place: a captured step reads it
+
+    def set_active(self, active: Sequence[bool]) -> None:
+        """Freeze (False) or thaw members: a frozen member's learning rates are 0 (it still runs)."""
+        self.active = torch.tensor([float(bool(a)) for a in active], dtype=torch.float64)
+
+    def _write_coefficients(self) -> None:
+        f = torch.tensor([lf(self.step_count) for lf in self.factors], dtype=torch.float64)
+        on = torch.tensor([float(x) for x in self.feature_on], dtype=torch.float64)
+        coef = self.base.clone()
+        coef[self.scheduled, 0] *= f
+        coef[self.centers_role, 0] *= on  # the centres move only while the feature loss is on
+        coef[:, 0] *= self.active
+        self.optimizer.coef.copy_(coef)
+
+    def reset_sums(self) -> None:
+        self._sums.zero_()
+        self._correct.zero_()
+        self._steps = self._seen = 0
+
+    def read_sums(self) -> list[dict[str, float]]:
+        """Per member: means over the steps since ``reset_sums`` (one host sync)."""
+        vals, correct = self._sums.tolist(), self._correct.tolist()
+        n = max(self._steps, 1)
+        return [{"train_loss": v[0] / n, "ce_loss": v[1] / n, "kernel_loss": v[2] / n, "feature_loss": v[3] / n,
+                 "train_acc": c / max(self._seen, 1)} for v, c in zip(vals, correct)]
+
+    def finite_members(self) -> list[bool]:
+        """Per member: losses so far and parameters all finite (one host sync)."""
+        ok = torch.isfinite(self._sums).all(1) & (self.optimizer.nonfinite_per_member() == 0)
+        return ok.tolist()
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimiser step of every member on ``(x, y)`` (eager, or a replayed CUDA graph)."""
+        self._write_coefficients()
+        if self.use_graph:
+            key = (tuple(x.shape), x.dtype, tuple(y.shape))
+            if not self.captured.run(key, x, y, self._step, self.optimizer.zero_grad):
+                self.use_graph = False
+                self._step(x, y)
+        else:
+            self._step(x, y)
+        self.step_count += 1
+        self._steps += 1
+        self._seen += int(y.shape[0])
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Forward, per-member losses, backward of their sum, the step, the clamps, the sums (no sync)."""
+        self.optimizer.zero_grad()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                            cache_enabled=not self.use_graph):
+            feats, logits = self.model(x)
+        B, K = y.shape[0], self.members
+        ce = F.cross_entropy(logits.float().reshape(B * K, -1), y.repeat_interleave(K),
+                             reduction="none").view(B, K).mean(0)
+        kl = member_kernel_loss(self.layers, self.lam, self.nu)
+        fl = self.feature_loss(feats.float().view(B, K, -1), y, self.theta_on)
+        per_member = ce + kl + fl
+        per_member.sum().backward()  # members share no parameter: each gets its own member's gradient
+        self.optimizer.step()
+        clamp_prior_(self.layers)
+        with torch.no_grad():
+            self._sums += torch.stack([per_member, ce, kl, fl], 1).detach()
+            self._correct += (logits.detach().argmax(2) == y[:, None]).sum(0)
+
+    # ------------------------------------------------------------------ evaluation and members
+    @torch.no_grad()
+    def evaluate(self, batches) -> list[tuple[float, float]]:
+        """Per member ``(mean cross-entropy, accuracy)`` over ``batches`` (one host sync)."""
+        self.model.eval()
+        loss = torch.zeros(self.members, device=self.device)
+        correct = torch.zeros(self.members, dtype=torch.long, device=self.device)
+        n = 0
+        for x, y in batches:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                _, logits = self.model(x)
+            B = y.shape[0]
+            loss += F.cross_entropy(logits.float().reshape(B * self.members, -1), y.repeat_interleave(self.members),
+                                    reduction="none").view(B, -1).sum(0)
+            correct += (logits.argmax(2) == y[:, None]).sum(0)
+            n += int(B)
+        self.model.train()
+        return [(lo / max(n, 1), c / max(n, 1)) for lo, c in zip(loss.tolist(), correct.tolist())]
+
+    def member_state_dict(self, k: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Member ``k`` as the reference's ``{"model": ..., "feature_loss": ...}`` state dicts (copies)."""
+        c = self.cfgs[k]
+        return {"model": member_state_dict(self.model, k),
+                "feature_loss": {"centers": self.feature_loss.centers[k].detach().clone(),
+                                 "log_var": self.feature_loss.log_var[k].detach().clone(),
+                                 "_extra_state": {"theta": c.theta, "center_lr": c.center_lr}}}
