@@ -1,24 +1,16 @@
 """K trials of one architecture trained as one model (horizontal fusion, HFTA-style; docs/multi-trial.md).
 
-A *pack* of K members: K reference models (``trainables.models``, one per trial config) are stacked
-into one model whose every layer holds the K members' parameters side by side, member-major:
-
-* a conv becomes one grouped conv (``groups=K``) on activations of shape ``(B, K*C, H, W)``; the stem
-  conv, whose input is the shared image batch, becomes one conv with ``K*C_out`` output channels;
-* a ``BonnConv2d`` keeps its reference rules per member (:class:`_MemberBonnBinarize` is the rule of
-  ``trainables.binarize.BonnWeightBinarize`` with ``mean(w)`` taken per member); its latent kernels
-  are ``(K*C_out, C_in, k, k)``, ``w`` is ``(K, *w_shape)``, ``mu``/``sigma`` ``(K*C_out,)``;
-* BatchNorm and PReLU over ``K*C`` channels are per member by construction; the FC is a batched
-  matmul (``(K, O, D)`` weights); the model code of ``trainables.models`` runs unchanged on top.
-
-Losses are per member, ``(K,)`` vectors: cross-entropy, :func:`member_kernel_loss` (the objective of
-``trainables.losses.bayesian_kernel_loss`` per member, with per-member ``lam``/``nu`` tensors) and
-:class:`MemberFeatureLoss` (``BayesianFeatureLoss`` per member, its centre rule reused as is). The
-step backpropagates their sum: members share no parameter, so each parameter's gradient is its own
-member's. :class:`MemberSGD` is the SGD of ``trainables.optim`` with per-member lr / momentum /
-weight decay as device tensors, over flat per-role buffers (a few kernels per step, capturable).
-Reference math stays the specification: ``tests/unit/test_multi_trial.py`` checks K fused members
-against K separate ``Trainer`` runs. Supported: ``binarize="bonn"``, SGD, ``mu_sigma_update="sgd"``.
+K reference models (``trainables.models``, one per trial) are stacked member-major into one model:
+each conv becomes one grouped conv (``groups=K``) on ``(B, K*C, H, W)`` activations (the stem, fed the
+shared batch, one conv with ``K*C_out`` outputs); a ``BonnConv2d`` keeps ``BonnWeightBinarize``'s rule
+with ``mean(w)`` per member (:class:`_MemberBonnBinarize`); BatchNorm and PReLU over ``K*C`` channels
+are per member by construction; the FC is a batched matmul. The model code of ``trainables.models``
+runs unchanged. The losses are ``(K,)`` vectors (cross-entropy, :func:`member_kernel_loss`,
+:class:`MemberFeatureLoss`) and the step backpropagates their sum: members share no parameter, so each
+gets its own member's gradient. :class:`MemberSGD` steps all members with per-member lr / momentum /
+weight decay device tensors. The reference stays the specification: ``tests/unit/test_multi_trial.py``
+checks K fused members against K separate ``Trainer`` runs. Supported: ``binarize="bonn"``, SGD,
+``mu_sigma_update="sgd"``; not: xnor/none, Adam, closed-form mu/sigma, data parallelism.
 """
 
 from __future__ import annotations
@@ -88,10 +80,10 @@ def member_kernel_loss(layers: Sequence["MultiBonnConv2d"], lam: torch.Tensor, n
     total = None
     for m in layers:
         K = m.members
-        X = m.weight.view(K, m.member_out, -1)  # (K, C_out, C_in k k)
+        X = m.weight.reshape(K, m.member_out, -1)  # (K, C_out, C_in k k)
         Kel = X.shape[2]
         X5 = m.weight.view(K, m.member_out, *m.weight.shape[1:])
-        wX = (_wb(m.w, X5) * X5).view(K, m.member_out, -1)
+        wX = (_wb(m.w, X5) * X5).reshape(X.shape)
         s = sign(X.detach())
         X_hat = m.w.detach().flatten(1).mean(1).view(K, 1, 1) * s
         recon = ((X_hat - wX) ** 2).sum((1, 2))  # Eq. 13 / Eq. 16 through autograd
@@ -106,10 +98,9 @@ def member_kernel_loss(layers: Sequence["MultiBonnConv2d"], lam: torch.Tensor, n
 
 
 class MemberFeatureLoss(nn.Module):
-    """``BayesianFeatureLoss`` of K members: ``centers``/``log_var`` ``(K, M, D)``, initialised to 0 as
-    there; ``forward(features (B, K, D), labels (B,), theta (K,))`` -> ``(K,)``. The centres' update is
-    the reference's own ``_CenterLossGather`` (members side by side in its feature dimension); their
-    per-member rate ``center_lr`` (0 while a member's feature loss is off) lives in :class:`MemberSGD`."""
+    """``BayesianFeatureLoss`` of K members, ``centers``/``log_var`` ``(K, M, D)``: ``forward(features
+    (B, K, D), labels, theta (K,))`` -> ``(K,)``. The centre rule is the reference's ``_CenterLossGather``
+    (members side by side in its feature dim); the centres' rate is in :class:`MemberSGD`."""
 
     def __init__(self, members: int, num_classes: int, dim: int) -> None:
         super().__init__()
@@ -138,20 +129,17 @@ class _Member:
     """Mixin: ``member_state(k)`` = member k's tensors under the reference module's names."""
 
     members: int
+    _per_member_dim0: tuple[str, ...] = ()  # tensors shaped (K, *reference shape); the others (K*n, ...)
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
-            if t is None:
+            if t.dim() == 0:  # num_batches_tracked: the same for every member
+                out[name] = t.detach()
                 continue
-            out[name] = t if t.dim() == 0 else t.detach().view(self.members, -1, *t.shape[1:])[k].reshape(
-                self._member_shape(name, t))
+            own = t.detach().view(self.members, -1, *t.shape[1:])[k]
+            out[name] = own.reshape(t.shape[1:]) if name in self._per_member_dim0 else own
         return out
-
-    def _member_shape(self, name: str, t: torch.Tensor) -> tuple[int, ...]:
-        return (t.shape[0] // self.members, *t.shape[1:]) if name not in self._per_member_dim0 else t.shape[1:]
-
-    _per_member_dim0: tuple[str, ...] = ()
 
 
 class MultiConv2d(_Member, nn.Conv2d):
@@ -165,10 +153,9 @@ class MultiConv2d(_Member, nn.Conv2d):
         super().__init__(K * c.in_channels, K * c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
                          groups=K, bias=c.bias is not None)
         self.members, self.member_in = K, c.in_channels
-        with torch.no_grad():
-            self.weight.data = _cat([m.weight for m in convs])
-            if self.bias is not None:
-                self.bias.data = _cat([m.bias for m in convs])
+        self.weight.data = _cat([m.weight for m in convs])
+        if self.bias is not None:
+            self.bias.data = _cat([m.bias for m in convs])
 
     def _kernel_for(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight
@@ -201,7 +188,7 @@ class MultiBonnConv2d(MultiConv2d):
         return super().forward(ACT_STES[self.act_ste].apply(x, self.act_clip))
 
 
-class MultiBatchNorm2d(_Member, nn.BatchNorm2d):
+class MultiBatchNorm2d(_Member, nn.BatchNorm2d):  # K*C channels: statistics per member by construction
     def __init__(self, bns: Sequence[nn.BatchNorm2d]) -> None:
         b = bns[0]
         super().__init__(len(bns) * b.num_features, b.eps, b.momentum, b.affine, b.track_running_stats)
@@ -241,20 +228,17 @@ class MultiLinear(_Member, nn.Module):
         return out.transpose(0, 1)
 
 
-class MultiAvgPoolPad(AvgPoolPad):
-    """``AvgPoolPad`` with each member's channels padded on its own."""
+class MultiAvgPoolPad(nn.Module):
+    """``AvgPoolPad`` with each member's channels padded on its own (members folded into the batch)."""
 
     def __init__(self, m: AvgPoolPad, members: int) -> None:
-        nn.Module.__init__(self)
-        self.stride, self.extra, self.members = m.stride, m.extra, members
+        super().__init__()
+        self.inner, self.members = m, members
 
     def forward(self, x):
-        if self.stride > 1:
-            x = F.avg_pool2d(x, self.stride, ceil_mode=True, count_include_pad=False)
-        if self.extra:
-            B, _, H, W = x.shape
-            x = F.pad(x.view(B, self.members, -1, H, W), (0, 0, 0, 0, 0, self.extra)).view(B, -1, H, W)
-        return x
+        B, _, H, W = x.shape
+        out = self.inner(x.reshape(B * self.members, -1, H, W))
+        return out.reshape(B, -1, *out.shape[2:])
 
 
 _PASS = (nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Hardtanh, nn.ReLU, nn.Dropout, nn.Sequential, nn.ModuleList)
@@ -268,10 +252,8 @@ def _stack_module(mods: Sequence[nn.Module]) -> nn.Module | None:
     for cls, multi in ((BonnConv2d, MultiBonnConv2d), (nn.Conv2d, MultiConv2d), (nn.BatchNorm2d, MultiBatchNorm2d),
                        (nn.PReLU, MultiPReLU), (nn.Linear, MultiLinear)):
         if isinstance(m, cls):
-            out = multi(mods)
-            out.train(m.training)
-            if getattr(m, "_backbone_conv", False):
-                out._backbone_conv = True
+            out = multi(mods).train(m.training)
+            out._backbone_conv = getattr(m, "_backbone_conv", False)
             return out
     if isinstance(m, AvgPoolPad):
         return MultiAvgPoolPad(m, len(mods))
@@ -284,9 +266,7 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     """One model that runs the K ``models`` (same architecture) side by side; ``forward(x)`` returns
     ``(features (B, K*D), logits (B, K, O))``. The members' parameters are copied."""
     fused = copy.deepcopy(models[0])
-    for name, _ in list(models[0].named_modules()):
-        if not name:
-            continue
+    for name, _ in list(models[0].named_modules())[1:]:
         new = _stack_module([m.get_submodule(name) for m in models])
         if new is not None:
             parent, _, leaf = name.rpartition(".")
@@ -297,28 +277,18 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
 
 def member_state_dict(fused: nn.Module, k: int) -> dict[str, torch.Tensor]:
     """Member ``k`` of a stacked model as a ``state_dict`` of the reference model (copies)."""
-    out = {}
-    for name, mod in fused.named_modules():
-        if isinstance(mod, _Member):
-            for n, t in mod.member_state(k).items():
-                out[f"{name}.{n}" if name else n] = t.clone()
-        else:
-            for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-                out[f"{name}.{n}" if name else n] = t.detach().clone()
-    return out
+    # every module with tensors of its own is a stacked one (_stack_module raises on anything else)
+    return {f"{name}.{n}": t.clone() for name, mod in fused.named_modules() if isinstance(mod, _Member)
+            for n, t in mod.member_state(k).items()}
 
 
 # ============================================================================ optimiser
 class MemberSGD:
-    """The SGD of ``trainables.optim`` (momentum, no dampening, no nesterov, weight decay added to the
-    gradient) for stacked parameters, with lr / momentum / weight decay per member *and* role.
-
-    The parameters of each role (``latent``, ``decay``, ``no_decay``, ``slow``, ``centers``) become views
-    of one flat buffer, their ``.grad`` views of another (autograd accumulates into them in place), so
-    a step is a handful of elementwise kernels per role, whatever K, and needs no host sync (capturable).
-    ``coef`` ``(R, 3, K)`` on the device holds ``(lr, momentum, weight_decay)`` per role and member; the
-    owner writes it before each step. Parameters must be dense with dim 0 outermost (member-major).
-    """
+    """The SGD of ``trainables.optim`` (momentum, no dampening or nesterov, weight decay added to the
+    gradient) with lr / momentum / weight decay per role *and* member: ``coef`` ``(R, 3, K)`` on the device,
+    written by the owner before each step. Each role's parameters become views of one flat buffer, their
+    ``.grad`` views of another (autograd accumulates into them in place): a step is a few elementwise
+    kernels per role whatever K, with no host sync. Parameters must be dense and member-major."""
 
     def __init__(self, roles: dict[str, list[nn.Parameter]], members: int) -> None:
         self.members, self.names = members, list(roles)
@@ -335,49 +305,38 @@ class MemberSGD:
                 if n % members or p.stride(0) * p.shape[0] != n or not (
                         p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
                     raise ValueError(f"MemberSGD: parameter {tuple(p.shape)} is not dense and member-major")
-                view = torch.as_strided(flat, p.shape, p.stride(), off)
-                view.copy_(p.detach())
-                p.data = view
+                p.data = torch.as_strided(flat, p.shape, p.stride(), off).copy_(p.detach())
                 p.grad = torch.as_strided(grad, p.shape, p.stride(), off)
                 idx.append(torch.arange(n, device=flat.device) // (n // members))
                 off += n
-            self.flat.append(flat)
-            self.grad.append(grad)
-            self.buf.append(torch.zeros_like(flat))
+            self.flat.append(flat), self.grad.append(grad), self.buf.append(torch.zeros_like(flat))
             self.member_index.append(torch.cat(idx))
 
     def zero_grad(self) -> None:
-        for g in self.grad:
-            g.zero_()
+        torch._foreach_zero_(self.grad)
 
     @torch.no_grad()
     def step(self) -> None:
         for r, (flat, grad, buf, idx) in enumerate(zip(self.flat, self.grad, self.buf, self.member_index)):
             lr, mom, wd = self.coef[r].index_select(1, idx).unbind(0)
-            d = torch.addcmul(grad, wd, flat)
-            buf.mul_(mom).add_(d)
+            buf.mul_(mom).add_(torch.addcmul(grad, wd, flat))  # d_p = g + wd p; buf = mom buf + d_p
             flat.addcmul_(lr, buf, value=-1.0)
 
     @torch.no_grad()
     def nonfinite_per_member(self) -> torch.Tensor:
         """``(K,)`` count of non-finite parameter elements of each member (on the device)."""
-        out = self.flat[0].new_zeros(self.members)
-        for flat, idx in zip(self.flat, self.member_index):
-            out.index_add_(0, idx, (~torch.isfinite(flat)).to(out.dtype))
-        return out
+        return sum(self.flat[0].new_zeros(self.members).index_add_(0, idx, (~torch.isfinite(f)).to(f.dtype))
+                   for f, idx in zip(self.flat, self.member_index))
 
 
 # ============================================================================ trainer
 class MultiTrainer:
-    """K trials of one architecture trained together (the counterpart of ``trainables.train.Trainer``
-    for a pack): ``train_step(x, y)`` steps every member on the same batch. ``cfgs``: one
-    ``TrainConfig`` per member, equal in :data:`PACK_KEYS`; ``models``: the members' reference models
-    (built and initialised from each member's seed by the caller, e.g. :meth:`build`).
+    """``trainables.train.Trainer`` for a pack: ``train_step(x, y)`` steps every member on the same batch.
 
-    Per member: ``lam``, ``nu``, ``theta``, ``feature_loss_start_epoch``, ``lr`` and its ratios,
-    ``momentum``, ``weight_decay``, ``latent_weight_decay``, ``center_lr``, the lr schedule, the
-    initialisation. ``set_active`` freezes members (lr 0); ``read_sums``/``evaluate`` answer per member.
-    """
+    ``cfgs``: one ``TrainConfig`` per member, equal in :data:`PACK_KEYS`; ``models``: the members'
+    reference models (initialised from each member's seed, e.g. by :meth:`build`). Per member: ``lam``,
+    ``nu``, ``theta``, ``feature_loss_start_epoch``, ``lr`` and its ratios, ``momentum``, the weight
+    decays, ``center_lr``, the lr schedule, the init. ``set_active`` freezes members (lr 0)."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], models: Sequence[nn.Module], num_classes: int,
                  device: torch.device, steps_per_epoch: int, amp: bool = False, channels_last: bool = False,
@@ -397,11 +356,8 @@ class MultiTrainer:
         self.layers = [m for m in self.model.modules() if isinstance(m, MultiBonnConv2d)]
         self.feature_loss = MemberFeatureLoss(K, num_classes, models[0].feature_dim).to(device)
 
-        def per_member(f):
-            return torch.tensor([float(f(c)) for c in cfgs], device=device)
-
-        self.lam, self.nu = per_member(lambda c: c.lam), per_member(lambda c: c.nu)
-        self.theta = per_member(lambda c: c.theta)
+        self.lam, self.nu, self.theta = (torch.tensor([float(getattr(c, k)) for c in cfgs], device=device)
+                                         for k in ("lam", "nu", "theta"))
         self.theta_on = torch.zeros(K, device=device)  # theta while a member's feature loss is on, else 0
         self.feature_on = [False] * K
         # roles and per-member group settings: trainables.optim's own groups of each member
@@ -440,10 +396,7 @@ class MultiTrainer:
         """Members' models built by ``trainables.models.build_model``, each after ``manual_seed(seed)``."""
         from ..models import build_model
 
-        models = []
-        for c in cfgs:
-            torch.manual_seed(c.seed)
-            models.append(build_model(c, in_channels, num_classes, image_size))
+        models = [(torch.manual_seed(c.seed), build_model(c, in_channels, num_classes, image_size))[1] for c in cfgs]
         return cls(cfgs, models, num_classes, **kw)
 
     # ------------------------------------------------------------------ per epoch / per member
@@ -467,8 +420,7 @@ class MultiTrainer:
         self.optimizer.coef.copy_(coef)
 
     def reset_sums(self) -> None:
-        self._sums.zero_()
-        self._correct.zero_()
+        self._sums.zero_(), self._correct.zero_()
         self._steps = self._seen = 0
 
     def read_sums(self) -> list[dict[str, float]]:
@@ -480,8 +432,7 @@ class MultiTrainer:
 
     def finite_members(self) -> list[bool]:
         """Per member: losses so far and parameters all finite (one host sync)."""
-        ok = torch.isfinite(self._sums).all(1) & (self.optimizer.nonfinite_per_member() == 0)
-        return ok.tolist()
+        return (torch.isfinite(self._sums).all(1) & (self.optimizer.nonfinite_per_member() == 0)).tolist()
 
     # ------------------------------------------------------------------ one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -494,21 +445,14 @@ class MultiTrainer:
                 self._step(x, y)
         else:
             self._step(x, y)
-        self.step_count += 1
-        self._steps += 1
-        self._seen += int(y.shape[0])
+        self.step_count, self._steps, self._seen = self.step_count + 1, self._steps + 1, self._seen + int(y.shape[0])
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Forward, per-member losses, backward of their sum, the step, the clamps, the sums (no sync)."""
         self.optimizer.zero_grad()
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
-                            cache_enabled=not self.use_graph):
-            feats, logits = self.model(x)
+        feats, logits = self._forward(x)
         B, K = y.shape[0], self.members
-        ce = F.cross_entropy(logits.float().reshape(B * K, -1), y.repeat_interleave(K),
-                             reduction="none").view(B, K).mean(0)
+        ce = self._ce(logits, y).mean(0)
         kl = member_kernel_loss(self.layers, self.lam, self.nu)
         fl = self.feature_loss(feats.float().view(B, K, -1), y, self.theta_on)
         per_member = ce + kl + fl
@@ -519,24 +463,29 @@ class MultiTrainer:
             self._sums += torch.stack([per_member, ce, kl, fl], 1).detach()
             self._correct += (logits.detach().argmax(2) == y[:, None]).sum(0)
 
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                            cache_enabled=not self.use_graph):
+            return self.model(x)
+
+    def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each sample and member ``(B, K)`` from logits ``(B, K, O)``."""
+        B, K = logits.shape[:2]
+        return F.cross_entropy(logits.float().reshape(B * K, -1), y.repeat_interleave(K), reduction="none").view(B, K)
+
     # ------------------------------------------------------------------ evaluation and members
     @torch.no_grad()
     def evaluate(self, batches) -> list[tuple[float, float]]:
         """Per member ``(mean cross-entropy, accuracy)`` over ``batches`` (one host sync)."""
         self.model.eval()
-        loss = torch.zeros(self.members, device=self.device)
-        correct = torch.zeros(self.members, dtype=torch.long, device=self.device)
-        n = 0
+        loss, correct, n = torch.zeros(self.members, device=self.device), torch.zeros_like(self._correct), 0
         for x, y in batches:
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                _, logits = self.model(x)
-            B = y.shape[0]
-            loss += F.cross_entropy(logits.float().reshape(B * self.members, -1), y.repeat_interleave(self.members),
-                                    reduction="none").view(B, -1).sum(0)
+            logits = self._forward(x)[1]
+            loss += self._ce(logits, y).sum(0)
             correct += (logits.argmax(2) == y[:, None]).sum(0)
-            n += int(B)
+            n += int(y.shape[0])
         self.model.train()
         return [(lo / max(n, 1), c / max(n, 1)) for lo, c in zip(loss.tolist(), correct.tolist())]
 
