@@ -1,0 +1,181 @@
+"""K BONN trials fused into one model (trainables.fast.multi_trial) against K separate reference trainings.
+
+The reference is ``trainables.train.Trainer`` itself on CPU with ``fused_bonn=False`` and
+``cuda_graph=False`` (per-layer ``BonnWeightBinarize`` and ``bayesian_kernel_loss``, the
+``BayesianFeatureLoss`` module, ``torch.optim.SGD`` with the groups of ``trainables.optim``, the
+``LambdaLR`` schedule), one Trainer per member, all fed the same batches. The K=3 members differ in
+initial weights (seed), lam, nu, theta, feature-loss start epoch, lr, momentum, weight decay and lr
+schedule; the comparison covers every parameter and buffer, the feature-loss centres and
+log-variances, and each member's loss terms after every step, in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trainables.config import TrainConfig
+from trainables.fast.multi_trial import MultiTrainer, stack_models, member_state_dict
+from trainables.layers import bonn_layers
+from trainables.models import build_model
+from trainables.train import Trainer
+
+CPU = torch.device("cpu")
+B, C, S, M = 8, 3, 16, 10  # batch, channels, image size, classes
+STEPS_PER_EPOCH = 2
+MEMBERS = [  # what differs between the members of the pack
+    dict(seed=0, lam=1e-2, nu=1e-1, theta=1e-2, lr=0.05, feature_loss_start_epoch=0),
+    dict(seed=1, lam=0.0, nu=1e-1, theta=1e-3, lr=0.01, momentum=0.5, feature_loss_start_epoch=1,
+         lr_gamma=0.5),
+    dict(seed=2, lam=1e-3, nu=0.3, theta=0.0, lr=0.1, weight_decay=1e-3, lr_slow_ratio=0.5, center_lr=0.3),
+]
+
+
+def _configs(model: str) -> list[TrainConfig]:
+    base = {"model": model, "width": 4, "device": "cpu", "epochs": 2, "batch_size": B, "lr_milestones": [0.5],
+            "fused_bonn": False, "cuda_graph": False, "amp": False, "channels_last": False}
+    return [TrainConfig.from_dict({**base, **m}) for m in MEMBERS]
+
+
+def _models(cfgs: list[TrainConfig]) -> list[torch.nn.Module]:
+    """Each member's reference model from its seed, with w, mu, sigma moved off their init (where the
+    mu gradient is about 0) by a different factor per member."""
+    out = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        m = build_model(c, C, M, S)
+        g = torch.Generator().manual_seed(100 + c.seed)
+        with torch.no_grad():
+            for layer in bonn_layers(m):
+                for t in (layer.mu, layer.sigma, layer.w):
+                    t.mul_(torch.empty(t.shape).uniform_(0.5, 1.5, generator=g))
+        out.append(m)
+    return out
+
+
+def _batches(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, C, S, S, generator=g), torch.randint(0, M, (B,), generator=g)) for _ in range(n)]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "wrn22"])
+def test_stacked_model_computes_each_members_forward(model):
+    models = _models(_configs(model))
+    fused = stack_models(models)
+    for k, m in enumerate(models):
+        ref = m.state_dict()
+        got = member_state_dict(fused, k)
+        assert got.keys() == ref.keys()
+        for n in ref:
+            assert torch.equal(got[n], ref[n]), n
+    x = _batches(1)[0][0]
+    feats, logits = fused(x)
+    assert logits.shape == (B, 3, M) and feats.shape == (B, 3 * models[0].feature_dim)
+    for k, m in enumerate(models):
+        f_ref, l_ref = m(x)
+        torch.testing.assert_close(logits[:, k], l_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(feats.view(B, 3, -1)[:, k], f_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "wrn22"])
+def test_k_fused_members_train_like_k_separate_reference_trainers(model):
+    cfgs = _configs(model)
+    models = _models(cfgs)
+    refs = [Trainer(c, copy.deepcopy(m), M, CPU, STEPS_PER_EPOCH, log=None) for c, m in zip(cfgs, models)]
+    assert all(not t.fused and not t.use_graph for t in refs)
+    pack = MultiTrainer(cfgs, models, M, CPU, STEPS_PER_EPOCH)
+    batches = _batches(2 * STEPS_PER_EPOCH)
+    for epoch in range(2):  # member 1's feature loss starts at epoch 1; lr milestone at epoch 1
+        for t in refs:
+            t.set_epoch(epoch)
+        pack.set_epoch(epoch)
+        for x, y in batches[epoch * STEPS_PER_EPOCH:(epoch + 1) * STEPS_PER_EPOCH]:
+            for t in refs:
+                t.train_step(x, y)
+            pack.train_step(x, y)
+            for k, t in enumerate(refs):  # loss, ce, kernel, feature sums so far
+                torch.testing.assert_close(pack._sums[k], t._sums, rtol=1e-5, atol=1e-7)
+                assert int(pack._correct[k]) == int(t._correct)
+    sums = [t._sums for t in refs]
+    assert sums[1][2] == 0 and sums[2][3] == 0, "lam=0 / theta=0 members have no kernel / feature loss"
+    assert sums[0][2] > 0 and sums[1][3] > 0 and sums[0][3] > 0
+    for k, t in enumerate(refs):
+        got = pack.member_state_dict(k)
+        ref = t.model.state_dict()
+        assert got["model"].keys() == ref.keys()
+        for n in ref:
+            assert _rel_err(got["model"][n], ref[n]) < 2e-5, (k, n, _rel_err(got["model"][n], ref[n]))
+        for n in ("centers", "log_var"):
+            torch.testing.assert_close(got["feature_loss"][n], getattr(t.feature_loss, n), rtol=1e-4, atol=1e-7)
+        assert pack.read_sums()[k]["train_acc"] == t.read_sums()["train_acc"]
+    assert pack.finite_members() == [True, True, True]
+    # the members really differ (different seeds and hyperparameters)
+    assert not torch.equal(pack.member_state_dict(0)["model"]["fc.weight"], pack.member_state_dict(1)["model"]["fc.weight"])
+
+
+def test_gradients_accumulate_into_the_flat_buffers():
+    cfgs = _configs("small_cnn")
+    pack = MultiTrainer(cfgs, _models(cfgs), M, CPU, STEPS_PER_EPOCH)
+    pack.set_epoch(0)
+    x, y = _batches(1)[0]
+    pack.train_step(x, y)
+    opt = pack.optimizer
+    storages = {g.untyped_storage().data_ptr() for g in opt.grad}
+    params = list(pack.model.parameters()) + list(pack.feature_loss.parameters())
+    assert all(p.grad.untyped_storage().data_ptr() in storages for p in params)
+    assert sum(float(g.abs().sum()) for g in opt.grad) > 0
+
+
+def _pack_after_steps(poison: bool, active=None, steps: int = 3) -> MultiTrainer:
+    cfgs = _configs("small_cnn")
+    pack = MultiTrainer(cfgs, _models(cfgs), M, CPU, STEPS_PER_EPOCH)
+    if poison:  # member 1 diverged: its stem conv and FC weights are NaN (the sign before each binary
+        # conv maps a NaN activation to -1, so the FC's NaN is what makes its loss NaN)
+        with torch.no_grad():
+            pack.model.features[0].weight.view(3, -1)[1] = float("nan")
+            pack.model.fc.weight[1] = float("nan")
+    if active is not None:
+        pack.set_active(active)
+    pack.set_epoch(0)
+    for x, y in _batches(steps):
+        pack.train_step(x, y)
+    return pack
+
+
+def test_a_nan_member_leaves_the_other_members_untouched():
+    clean, sick = _pack_after_steps(False), _pack_after_steps(True)
+    assert sick.finite_members() == [True, False, True]
+    sums = sick.read_sums()
+    assert all(v == v for v in sums[0].values()) and sums[1]["train_loss"] != sums[1]["train_loss"]
+    for k in (0, 2):
+        a, b = clean.member_state_dict(k), sick.member_state_dict(k)
+        for part in ("model", "feature_loss"):
+            for n, t in a[part].items():
+                if torch.is_tensor(t):
+                    assert torch.equal(t, b[part][n]), (k, part, n)
+        assert clean.read_sums()[k] == sums[k]
+
+
+def test_a_frozen_member_does_not_move():
+    cfgs = _configs("small_cnn")
+    before = [member_state_dict(stack_models(_models(cfgs)), k) for k in range(3)]
+    pack = _pack_after_steps(False, active=[True, False, True])
+    for k in range(3):
+        after = pack.member_state_dict(k)["model"]
+        params = [n for n in after if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        moved = [n for n in params if not torch.equal(after[n], before[k][n])]
+        assert (not moved) if k == 1 else moved
+
+
+def test_members_must_share_the_architecture():
+    cfgs = _configs("small_cnn")
+    other = cfgs[1].replace(width=8)
+    models = _models([cfgs[0], other])
+    with pytest.raises(ValueError, match="width"):
+        MultiTrainer([cfgs[0], other], models, M, CPU, STEPS_PER_EPOCH)
