@@ -56,7 +56,7 @@ class _MemberBonnBinarize(torch.autograd.Function):
         K = w.shape[0]
         X5 = X.view(K, -1, *X.shape[1:])
         wbar = _wb(w.flatten(1).mean(1).view(K, *([1] * (w.dim() - 1))), X5).to(X.dtype)
-        return torch.where(X5 >= 0, wbar, -wbar).view(X.shape)
+        return torch.where(X5 >= 0, wbar, -wbar).reshape(X.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -65,7 +65,7 @@ class _MemberBonnBinarize(torch.autograd.Function):
         X5 = X.view(K, -1, *X.shape[1:])
         wb = _wb(w, X5)
         gm = clipped_grad(grad_out.reshape(X5.shape), wb * X5, ctx.clip)
-        gX = (gm * wb).view(X.shape) if ctx.needs_input_grad[0] else None
+        gX = (gm * wb).reshape(X.shape) if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[1]:
             lead = X5.dim() - w.dim() + 1  # dims of X5 that w does not cover, after the member dim
@@ -473,7 +473,8 @@ class MultiTrainer:
     def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each sample and member ``(B, K)`` from logits ``(B, K, O)``."""
         B, K = logits.shape[:2]
-        return F.cross_entropy(logits.float().reshape(B * K, -1), y.repeat_interleave(K), reduction="none").view(B, K)
+        yk = y[:, None].expand(B, K).reshape(-1)
+        return F.cross_entropy(logits.float().reshape(B * K, -1), yk, reduction="none").view(B, K)
 
     # ------------------------------------------------------------------ evaluation and members
     @torch.no_grad()
