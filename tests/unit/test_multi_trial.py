@@ -35,8 +35,8 @@ MEMBERS = [  # what differs between the members of the pack
 ]
 
 
-def _configs(model: str) -> list[TrainConfig]:
-    base = {"model": model, "width": 4, "device": "cpu", "epochs": 2, "batch_size": B, "lr_milestones": [0.5],
+def _configs(model: str, **over) -> list[TrainConfig]:
+    base = {**over, "model": model, "width": 4, "device": "cpu", "epochs": 2, "batch_size": B, "lr_milestones": [0.5],
             "fused_bonn": False, "cuda_graph": False, "amp": False, "channels_last": False}
     return [TrainConfig.from_dict({**base, **m}) for m in MEMBERS]
 
@@ -66,9 +66,12 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("model", ["small_cnn", "wrn22"])
-def test_stacked_model_computes_each_members_forward(model):
-    models = _models(_configs(model))
+@pytest.mark.parametrize("model,over", [
+    ("small_cnn", {}), ("wrn22", {}), ("wrn22", {"block_style": "bireal_per_conv", "shortcut": "avgpool_pad"}),
+    ("resnet18", {"block_style": "two_conv_hardtanh", "shortcut": "avgpool_pad"})],
+    ids=["small_cnn", "wrn22", "wrn22-bireal-avgpool_pad", "resnet18-hardtanh-avgpool_pad"])
+def test_stacked_model_computes_each_members_forward(model, over):
+    models = _models(_configs(model, **over))
     fused = stack_models(models)
     for k, m in enumerate(models):
         ref = m.state_dict()
