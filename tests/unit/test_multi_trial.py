@@ -159,7 +159,8 @@ def _train_and_compare(model: str, channels_last: bool) -> None:
         ref_loss, ref_acc = t.evaluate(held_out)
         assert loss == pytest.approx(ref_loss, rel=LOSS_TOL) and acc == ref_acc
     # the members really differ (different seeds and hyperparameters)
-    assert not torch.equal(pack.member_state_dict(0)["model"]["fc.weight"], pack.member_state_dict(1)["model"]["fc.weight"])
+    fc = [pack.member_state_dict(k)["model"]["fc.weight"] for k in range(2)]
+    assert not torch.equal(fc[0], fc[1])
 
 
 def test_gradients_accumulate_into_the_flat_buffers():
