@@ -26,6 +26,7 @@ TRIAL_CONFIG_KEYS: tuple[str, ...] = (
     "feature_loss_start_epoch",
     "center_lr",
     "mu_sigma_update",
+    "sigma_min",
     "latent_init_scale",
     "w_init",
     "ste_clip",

@@ -278,16 +278,20 @@ class BonnUpdatesConfig:
     """When and how BONN's own terms and parameters move: the feature loss from epoch
     ``feature_loss_start_epoch`` (0-based), the class centres by the center-loss rule at the fixed rate
     ``center_lr``, ``mu``/``sigma`` by the optimiser (``sgd``) or set to their exact minimisers after
-    each step (``closed_form``)."""
+    each step (``closed_form``), and kept at ``sigma >= sigma_min`` after each step (the paper keeps
+    sigma positive without a bound: a floor near 0 lets the prior term's stiffness ``lam nu / sigma^2``
+    grow without limit as it contracts |X|, and SGD then diverges; benchmarks/RESULTS.md, "A floor under
+    the prior's sigma")."""
 
     feature_loss_start_epoch: int = 0
     center_lr: float = 0.5
     mu_sigma_update: str = "sgd"
+    sigma_min: float = 1e-4
 
 
 def _validate_bonn_updates(v: Mapping[str, Any]) -> dict[str, Any]:
     return _apply({"feature_loss_start_epoch": _int_ge(0), "center_lr": _gt(0),
-                   "mu_sigma_update": _choice(MU_SIGMA_UPDATES)}, v)
+                   "mu_sigma_update": _choice(MU_SIGMA_UPDATES), "sigma_min": _gt(0)}, v)
 
 
 # ====================================================================== chapter 5: model

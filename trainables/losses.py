@@ -137,10 +137,11 @@ def kernel_loss_value(layers: Any, lam: float, nu: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def closed_form_mu_sigma_(layers: Any, eps: float = 1e-8) -> None:
+def closed_form_mu_sigma_(layers: Any, eps: float = 1e-8, sigma_min: float | None = None) -> None:
     """Set ``mu``/``sigma`` to the exact minimisers of the kernel loss, in place ([I], section 2.3).
 
-    ``mu_i = mean_k |X_ik|``, ``sigma_i = sqrt(mean_k (|X_ik| - mu_i)^2)`` clamped to ``>= eps``.
+    ``mu_i = mean_k |X_ik|``, ``sigma_i = sqrt(mean_k (|X_ik| - mu_i)^2)`` clamped to ``>= sigma_min``
+    (default ``eps``).
     Used when ``mu_sigma_update == "closed_form"`` (after each optimizer step). All layers at once, over
     the flat layout of ``trainables.flat_layout``.
     """
@@ -151,17 +152,23 @@ def closed_form_mu_sigma_(layers: Any, eps: float = 1e-8) -> None:
     a = flat_kernels([m.weight for m in ls], plan).abs()
     mu = per_filter_sum(a, plan).mul_(plan.inv_filter_numel)
     d = a - mu.index_select(0, plan.filter_index)
-    sig = per_filter_sum(d * d, plan).mul_(plan.inv_filter_numel).sqrt_().clamp_min_(eps)
+    sig = per_filter_sum(d * d, plan).mul_(plan.inv_filter_numel).sqrt_().clamp_min_(
+        eps if sigma_min is None else sigma_min)
     torch._foreach_copy_([m.mu for m in ls], unflat_filters(mu, plan))
     torch._foreach_copy_([m.sigma for m in ls], unflat_filters(sig, plan))
 
 
 @torch.no_grad()
-def clamp_prior_(layers: Any, eps: float = 1e-8) -> None:
-    """Keep every ``mu`` and ``sigma`` ``>= eps`` in place (one fused multi-tensor op)."""
+def clamp_prior_(layers: Any, eps: float = 1e-8, sigma_min: float | None = None) -> None:
+    """Keep every ``mu >= eps`` and ``sigma >= sigma_min`` (default ``eps``) in place (multi-tensor ops)."""
     ls = as_layers(layers)
-    if ls:
+    if not ls:
+        return
+    if sigma_min is None or sigma_min == eps:
         torch._foreach_clamp_min_([m.mu for m in ls] + [m.sigma for m in ls], eps)
+    else:
+        torch._foreach_clamp_min_([m.mu for m in ls], eps)
+        torch._foreach_clamp_min_([m.sigma for m in ls], sigma_min)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ DEFAULTS = {
     "lam": 1e-4, "theta": 1e-3, "nu": 1e-4, "lr": 0.01, "lr_slow_ratio": 0.1, "momentum": 0.9,
     "weight_decay": 5e-4, "optimizer": "sgd", "adam_beta2": 0.999, "latent_lr_ratio": 1.0,
     "latent_weight_decay": None, "schedule": "step", "lr_milestones": [0.3, 0.6, 0.8], "lr_gamma": 0.2,
-    "warmup_epochs": 0, "feature_loss_start_epoch": 0, "center_lr": 0.5, "mu_sigma_update": "sgd",
+    "warmup_epochs": 0, "feature_loss_start_epoch": 0, "center_lr": 0.5, "mu_sigma_update": "sgd", "sigma_min": 1e-4,
     "latent_init_scale": 1.0, "w_init": "mean_abs", "ste_clip": 1.0, "act_clip": 1.0,
     "model": "small_cnn", "width": 16, "block_style": "plain", "shortcut": "fp_1x1", "dropout": 0.0,
     "binarize": "bonn", "dataset": "digits", "data_root": None, "epochs": 10, "batch_size": 128,

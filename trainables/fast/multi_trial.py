@@ -35,7 +35,8 @@ __all__ = ["MemberFeatureLoss", "MemberSGD", "MultiTrainer", "PACK_KEYS", "membe
 
 #: config keys every member of a pack must share (the architecture, the data stream, the run length)
 PACK_KEYS = ("model", "width", "block_style", "shortcut", "dropout", "binarize", "ste_clip", "act_clip",
-             "dataset", "data_root", "val_fraction", "batch_size", "epochs", "optimizer", "mu_sigma_update")
+             "dataset", "data_root", "val_fraction", "batch_size", "epochs", "optimizer", "mu_sigma_update",
+             "sigma_min")
 
 
 # ============================================================================ per-member math
@@ -458,7 +459,7 @@ class MultiTrainer:
         per_member = ce + kl + fl
         per_member.sum().backward()  # members share no parameter: each gets its own member's gradient
         self.optimizer.step()
-        clamp_prior_(self.layers)
+        clamp_prior_(self.layers, sigma_min=self.cfgs[0].sigma_min)
         with torch.no_grad():
             self._sums += torch.stack([per_member, ce, kl, fl], 1).detach()
             self._correct += (logits.detach().argmax(2) == y[:, None]).sum(0)
