@@ -68,6 +68,8 @@ def _worker(rank: int, args: dict, barrier, results) -> None:
     device, amp, cl = resolve_runtime(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        # the host's cores shared by the N processes (data loading, compiling, launching)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args["procs_now"]))
     if args["real_data"]:
         data = DeviceData.from_config(cfg, device)
         in_ch, size, ncls = data.in_channels, data.image_size, data.num_classes
@@ -108,7 +110,8 @@ def _worker(rank: int, args: dict, barrier, results) -> None:
             trainer.read_sums()  # bound the queue so the window is honest
     sums = trainer.read_sums()
     dt = time.perf_counter() - t0
-    rec = {"rank": rank, "images_per_s": steps * cfg.batch_size / dt, "steps": steps, "window_s": dt,
+    rec = {"rank": rank, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "images_per_s": steps * cfg.batch_size / dt, "steps": steps, "window_s": dt,
            "t0": wall0, "t1": wall0 + dt, "warmup_s": warmup_s, "graph": bool(trainer.use_graph),
            "graph_failed": trainer.captured.failed, "fused": bool(trainer.fused),
            "compiled_math": bool(trainer.compile_math), "finite": all(v == v for v in sums.values())}
@@ -189,7 +192,8 @@ def table(meta: dict, rows: list[dict]) -> str:
              f"{meta['seconds']:g} s window, step: {meta['step']}", "",
              "| sharing | concurrent trainings | aggregate images/s | per training | vs 1 | GPU MiB per process "
              "(max allocated / reserved) | warm-up s (max) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    order = {s: i for i, s in enumerate(SHARINGS)}
+    for r in sorted(rows, key=lambda r: (order.get(r["sharing"], 9), r["procs"] if isinstance(r["procs"], int) else 0)):
         if r.get("aggregate") is None:
             lines.append(f"| {r['sharing']} | {r['procs']} | not measured: {r['error']} | | | | |")
             continue
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sharing", default="timeslice,mps", help="of " + ", ".join(SHARINGS))
     ap.add_argument("--seconds", type=float, default=15.0, help="timed window per row")
     ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (at least the capture's)")
-    ap.add_argument("--sync-every", type=int, default=20, help="host sync every this many steps")
+    ap.add_argument("--sync-every", type=int, default=10, help="host sync every this many steps")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the model (not the default)")
     ap.add_argument("--cuda-graph", default="auto", choices=["auto", "true", "false"],
                     help="auto: the product's default (captured on CUDA)")
@@ -261,7 +265,7 @@ def main(argv=None) -> int:
     cuda = args["device"] == "cuda"
     meta = {k: args[k] for k in ("device", "model", "width", "binarize", "batch_size", "seconds", "warmup",
                                  "compile", "cuda_graph")}
-    meta.update(device_name=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__,
+    meta.update(device_name="cuda (no row finished)" if cuda else "cpu", torch=torch.__version__,
                 data=f"real ({args['real_data']})" if args["real_data"] else "one random batch",
                 step=("fused compiled math + CUDA graph (TrainConfig defaults)" if cuda and args["cuda_graph"] != "false"
                       else "eager"), command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S UTC",
@@ -277,26 +281,31 @@ def main(argv=None) -> int:
         agg = f"{row['aggregate']:.0f} images/s aggregate" if row.get("aggregate") is not None else row["error"]
         print(f"[shared] {row['sharing']} {row['procs']} procs: {agg}", file=sys.stderr, flush=True)
 
-    def rows_for(sharing: str) -> None:
-        for n in procs:
-            try:
-                record(summarize(sharing, n, run(n, args)))
-            except RuntimeError as exc:  # a process failed (out of memory, say): the row says so, go on
-                record({"sharing": sharing, "procs": n, "error": one_line(exc)})
+    def row(sharing: str, n: int) -> None:
+        try:
+            recs = run(n, {**args, "procs_now": n})
+            meta["device_name"] = recs[0]["device_name"]
+            record(summarize(sharing, n, recs))
+        except RuntimeError as exc:  # a process failed (out of memory, say): the row says so, go on
+            record({"sharing": sharing, "procs": n, "error": one_line(exc)})
 
     write_json(args["out"], doc)
-    for sharing in sharings:
-        if sharing == "timeslice":
-            rows_for(sharing)
-            continue
-        try:
-            with running_mps(workdir, need_gpus=cuda) as mps:
-                meta["mps_pipe_dir"] = mps.pipe_dir
-                rows_for(sharing)
-        except MpsError as exc:
-            if any(r["sharing"] == sharing for r in rows):
-                meta["mps_stop_error"] = one_line(exc)  # rows done; stopping it failed
-            else:
+    mps_broken = False
+    # N by N, both sharing modes at each N: a run cut off at its limit still leaves comparable rows. The
+    # MPS daemon is started per row (well under a second) and quit after it.
+    for n in procs:
+        for sharing in sharings:
+            if sharing == "timeslice":
+                row(sharing, n)
+                continue
+            if mps_broken:
+                continue
+            try:
+                with running_mps(workdir, need_gpus=cuda) as mps:
+                    meta["mps_pipe_dir"] = mps.pipe_dir
+                    row(sharing, n)
+            except MpsError as exc:  # the daemon cannot start: one row says why, no more tries
+                mps_broken = True
                 record({"sharing": sharing, "procs": "-", "error": one_line(exc)})
     print()
     print(table(meta, rows))

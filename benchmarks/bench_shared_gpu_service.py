@@ -36,6 +36,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -260,10 +261,12 @@ def main(argv=None) -> int:
 
     imgs = train_images_per_epoch(a)
     device_name = "cpu"
-    if a.device == "cuda":
-        import torch
-
-        device_name = torch.cuda.get_device_name(0)
+    if a.device == "cuda":  # from nvidia-smi: this process keeps no CUDA context beside the trials
+        try:
+            device_name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                         capture_output=True, text=True, timeout=20).stdout.strip() or "cuda"
+        except (OSError, subprocess.TimeoutExpired):
+            device_name = "cuda"
     meta = {"device": a.device, "device_name": device_name, "model": a.model, "width": a.width,
             "batch_size": a.batch_size, "dataset": a.dataset, "data_root": a.data_root, "epochs": a.epochs,
             "images_per_epoch": imgs, "command": " ".join(sys.argv),

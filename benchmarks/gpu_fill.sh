@@ -7,6 +7,8 @@
 #            none / xnor / bonn / bonn-c, step captured as a CUDA graph, with the profile (kernels/step,
 #            GPU busy vs wall, the kernels bonn adds) (benchmarks/bench_train.py) -> step.md
 #   multi    several trials in one process (benchmarks/bench_multi_trial.py, if it exists) -> multi.json
+#   data     only decode the carried CIFAR-10 JPEG bytes to /tmp/cifar10.npz (every stage that needs
+#            them does it too, once per machine)
 #   service  the shared measure through the real service path (start_stack(num_gpus=1, mps=...), one
 #            StudySpec over HTTP, the trials' own images_per_s) for N = 1 and the best N of `shared`
 #            (benchmarks/bench_shared_gpu_service.py) -> service.json, service.md; needs ray/optuna/mlflow
@@ -18,19 +20,23 @@
 # Device calls (a session with a lent GPU makes them, helpers never do), on one warm machine:
 #   1. command: bash benchmarks/gpu_fill.sh shared,step,multi
 #      carry: [".data"] holding .data/cifar10-jpeg.jpgpack.npz (54 MiB; scripts/pack_jpeg_bytes.py pack)
-#      timeout_s: 600 (CALL_LIMIT_S defaults to 570)
-#      expected (estimates, nothing here was timed on a GPU): machine start 1-2 min; card + decode
-#      ~0.3 min; shared ~4 min (10 rows of ~5-30 s warm-up + a 5 s window; the first row also compiles
-#      the fused math cold: see its warm-up s; later rows hit the inductor cache under /tmp);
-#      step ~3 min (4 runs x 4 modes); multi ~1 min if the script exists. Total ~8.5 min.
+#      timeout_s: 600 (CALL_LIMIT_S defaults to 570: each stage's timeout is cut to what is left of it)
+#      expected (estimates; nothing here was timed on a GPU): card + decode ~0.3 min; shared ~4 min
+#      (N = 1,2,4,8,16, each N time-sliced then under MPS: 10 rows of ~10-30 s start and warm-up + a 5 s
+#      window; the first row also compiles the fused math cold -- its warm-up s shows it, later rows hit
+#      the inductor cache under /tmp, logged before and after); step ~3 min (4 runs x 4 modes, each run
+#      at most 55 s); multi <= 2 min if the script exists. Total ~7.5-9.5 min.
 #   2. at once (warm machine: /tmp/cifar10.npz and /tmp/fill/shared.json are still there):
-#      command: bash benchmarks/gpu_fill.sh service
+#      command: CALL_LIMIT_S=450 bash benchmarks/gpu_fill.sh service
 #      carry: [".data"] holding .data/wheels/ only (ray stripped of its jars, optuna, mlflow and the
-#      deps ../shared/docs/stack-notes.md lists; about 51 MiB: the data pack must not travel with it)
-#      timeout_s: 420; expected: wheel install ~1 min, 2 stacks x (start ~15 s + 2 studies) ~4 min.
-#      SERVICE_N=8 picks N by hand (default: the best N in shared.json, else 4).
-#   Then give_back. Budget: ~8.5 + ~5 min + start = most of a 15-minute session: with less left, run
-#   `shared` alone (SHARED_PROCS=1,4,16 makes it ~2.5 min) and leave the rest for a later session.
+#      deps ../shared/docs/stack-notes.md lists; about 51 MiB: the data pack cannot travel with it)
+#      timeout_s: 480; expected: wheel install ~1 min, then MPS and time-sliced stacks (~15 s start each)
+#      with studies of N = 1 and the best N of shared.json (SERVICE_N=8 sets it; default 4), 3 epochs
+#      per trial: ~3-5 min.
+#   Then give_back. Both calls and the start (~1.5 min) are ~13-16 minutes: about a whole session's
+#   15 minutes, with no room for a rerun. With less than ~11 minutes left run call 1 only (or SHARED_PROCS=1,4,16
+#   bash benchmarks/gpu_fill.sh shared: ~2.5 min). On a fresh machine `service` needs the data first:
+#   `bash benchmarks/gpu_fill.sh data` (carry the pack, ~0.5 min), then call 2 at once.
 #
 # CPU dry run (tiny models and steps, the same code paths; MPS through tests/fakes):
 #   DEVICE=cpu PY=/work/main/.venv/bin/python OUT=/tmp/fill_dry bash benchmarks/gpu_fill.sh shared,step,multi,service
@@ -82,7 +88,7 @@ run_stage() {  # run_stage NAME MAX_S CMD...: under timeout, output appended to 
 cat "$OUT/card.txt" | tee -a "$LOG"
 
 # -- data: the carried JPEG bytes decoded once per machine (a warm second call finds them)
-need_data() { has shared || has step || has service; }
+need_data() { has data || has shared || has step || has service; }
 if need_data && [ ! -f "$DATA" ]; then
   if [ "$DEVICE" = cpu ] && [ ! -f "$PACK" ]; then
     PACK="$WORK/tiny.jpgpack.npz"  # a tiny JPEG tree (random 32x32 images, 10 classes) packed here
@@ -170,10 +176,10 @@ if has service; then
     done
     n="${n:-4}"
     if [ "$DEVICE" = cpu ]; then svc=(--device cpu $SVC_ARGS); say "service: CPU dry run ($SVC_ARGS)"
-    else svc=(--device cuda --data-root "$DATA" --procs "$( [ "$n" = 1 ] && echo 1 || echo "1,$n")" --epochs "${SERVICE_EPOCHS:-4}")
+    else svc=(--device cuda --data-root "$DATA" --procs "$( [ "$n" = 1 ] && echo 1 || echo "1,$n")" --epochs "${SERVICE_EPOCHS:-3}")
       say "service: N = 1 and $n"
     fi
-    run_stage service 330 $PY benchmarks/bench_shared_gpu_service.py "${svc[@]}" --sharing timeslice,mps \
+    run_stage service 400 $PY benchmarks/bench_shared_gpu_service.py "${svc[@]}" --sharing mps,timeslice \
         --home "$WORK/svc" --out "$OUT/service.json" > "$WORK/service.out"
     sed -n '/^service path: /,$p' "$WORK/service.out" > "$OUT/service.md"; cat "$OUT/service.md" | tee -a "$LOG"
     # stacks left by a killed run: stop exactly them (never `ray stop`)

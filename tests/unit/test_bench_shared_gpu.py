@@ -43,7 +43,7 @@ def test_cpu_rows_timeslice_and_mps(tmp_path):
     p, doc = _bench(tmp_path, "--procs", "1,2", "--sharing", "timeslice,mps")
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [(r["sharing"], r["procs"]) for r in doc["rows"]]
-    assert rows == [("timeslice", 1), ("timeslice", 2), ("mps", 1), ("mps", 2)]
+    assert rows == [("timeslice", 1), ("mps", 1), ("timeslice", 2), ("mps", 2)]  # N by N
     for r in doc["rows"]:
         assert r["aggregate"] > 0 and len(r["per_proc"]) == r["procs"] and all(v > 0 for v in r["per_proc"])
         assert r["finite"]
