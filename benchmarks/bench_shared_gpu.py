@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     write_json(args["out"], doc)
     mps_broken = False
     # N by N, both sharing modes at each N: a run cut off at its limit still leaves comparable rows. The
-    # MPS daemon is started per row (well under a second) and quit after it.
+    # MPS daemon is started per row and quit after it, so no MPS server is on the card in time-sliced rows.
     for n in procs:
         for sharing in sharings:
             if sharing == "timeslice":

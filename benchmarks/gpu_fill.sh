@@ -24,8 +24,8 @@
 #      expected (estimates; nothing here was timed on a GPU): card + decode ~0.3 min; shared ~4 min
 #      (N = 1,2,4,8,16, each N time-sliced then under MPS: 10 rows of ~10-30 s start and warm-up + a 5 s
 #      window; the first row also compiles the fused math cold -- its warm-up s shows it, later rows hit
-#      the inductor cache under /tmp, logged before and after); step ~3 min (4 runs x 4 modes, each run
-#      at most 55 s); multi <= 2 min if the script exists. Total ~7.5-9.5 min.
+#      the inductor cache under /tmp, logged before and after); step ~3-4 min (4 runs x 4 modes, each run
+#      at most 60 s); multi <= 2 min if the script exists. Total ~7.5-9.5 min.
 #   2. at once (warm machine: /tmp/cifar10.npz and /tmp/fill/shared.json are still there):
 #      command: CALL_LIMIT_S=450 bash benchmarks/gpu_fill.sh service
 #      carry: [".data"] holding .data/wheels/ only (ray stripped of its jars, optuna, mlflow and the
@@ -63,7 +63,7 @@ else
   MODEL=wrn22; WIDTH=16; BATCH=128; SHARED_PROCS="${SHARED_PROCS:-1,2,4,8,16}"; SHARED_S="${SHARED_S:-5}"
   STEP_SPECS="wrn22:64:128 wrn22:64:512 resnet18:64:128 resnet18:64:512"; STEP_STEPS="${STEP_STEPS:-30}"
   STEP_EXEC="${STEP_EXEC:-graph}"  # STEP_EXEC=graph,compile adds torch.compile'd models (~30-60 s each, cold)
-  PROFILE=10; STEP_MAX=55
+  PROFILE=10; STEP_MAX=60
   MULTI_ARGS="--model wrn22 --width 16 --batch-size 128 --ks 1,2,4,8,16 --steps ${MULTI_STEPS:-100}"
 fi
 
