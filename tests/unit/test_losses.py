@@ -276,6 +276,39 @@ def test_clamp_prior_keeps_mu_sigma_positive_in_place():
     assert layers[0].mu[0].item() > 1e-6  # untouched values stay
 
 
+def test_sigma_min_floors_sigma_only_in_clamp_and_closed_form():
+    layers = make_layers(10)
+    with torch.no_grad():
+        layers[0].mu[0] = 1e-5
+        layers[0].sigma[0] = 1e-6
+        layers[1].sigma[1] = 3e-4
+    clamp_prior_(layers, eps=1e-8, sigma_min=1e-4)
+    assert layers[0].mu[0].item() == pytest.approx(1e-5)  # mu keeps its own floor
+    assert layers[0].sigma[0].item() == pytest.approx(1e-4) and layers[1].sigma[1].item() == pytest.approx(3e-4)
+    closed_form_mu_sigma_(layers, sigma_min=1e-4)
+    for m in layers:
+        a = np.abs(m.weight.detach().numpy()).reshape(m.out_channels, -1)
+        sig = np.maximum(np.sqrt(((a - a.mean(1)[:, None]) ** 2).mean(1)), 1e-4)
+        np.testing.assert_allclose(m.sigma.detach().numpy(), sig, rtol=1e-12)
+    assert layers[0].sigma[0].item() == 1e-4  # the all-zero filter sits on the floor, not at 1e-8
+
+
+def test_trainer_keeps_sigma_at_or_above_sigma_min():
+    from trainables.config import TrainConfig
+    from trainables.models import build_model
+    from trainables.train import Trainer
+
+    cfg = TrainConfig.from_dict({"model": "small_cnn", "width": 4, "binarize": "bonn", "device": "cpu",
+                                 "latent_init_scale": 0.01, "sigma_min": 5e-3, "lam": 1e-4})
+    torch.manual_seed(0)
+    model = build_model(cfg, 1, 10, 8)
+    tr = Trainer(cfg, model, 10, torch.device("cpu"), steps_per_epoch=2, log=None)
+    assert min(float(m.sigma.min()) for m in tr.layers) < 5e-3  # small latent weights start below the floor
+    tr.set_epoch(0)
+    tr.train_step(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    assert min(float(m.sigma.min()) for m in tr.layers) >= np.float32(5e-3)  # the floor in the weights' dtype
+
+
 # ---------------------------------------------------------------- feature loss (Eq. 8)
 
 
