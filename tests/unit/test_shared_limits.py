@@ -74,15 +74,21 @@ def test_two_apps_on_one_store_share_the_rate_limit(tmp_path: Path) -> None:
     assert codes.count(200) == 4 and codes[4:] == [429] * 4, codes
 
 
+def _alice_and_bob(store: StudyStore) -> dict[str, tuple[str, str]]:
+    """Two store keys: name -> (key id, key)."""
+    keys = {}
+    for name in ("alice", "bob"):
+        key_id, key = new_key()
+        store.add_api_key(key_id, hash_key(key), name)
+        keys[name] = (key_id, key)
+    return keys
+
+
 def test_study_records_its_key_and_reads_are_limited_to_own_studies(tmp_path: Path) -> None:
     client, _, settings = make_client(tmp_path, api_reads_own_studies=True)
     with client:
         store = StudyStore(settings.store_url or "")
-        keys = {}
-        for name in ("alice", "bob"):
-            key_id, key = new_key()
-            store.add_api_key(key_id, hash_key(key), name)
-            keys[name] = (key_id, key)
+        keys = _alice_and_bob(store)
         ids = {}
         for name, (key_id, key) in keys.items():
             r = client.post("/studies", json={**SPEC, "name": name}, headers=auth(key))
@@ -122,11 +128,7 @@ def test_an_idempotency_key_replayed_by_another_key_is_a_conflict_even_in_a_race
     client, _, settings = make_client(tmp_path, api_reads_own_studies=True)
     with client:
         store = StudyStore(settings.store_url or "")
-        keys = {}
-        for name in ("alice", "bob"):
-            key_id, key = new_key()
-            store.add_api_key(key_id, hash_key(key), name)
-            keys[name] = (key_id, key)
+        keys = _alice_and_bob(store)
         headers = {"Idempotency-Key": "shared-key"}
         r = client.post("/studies", json=SPEC, headers={**auth(keys["alice"][1]), **headers})
         assert r.status_code == 201, r.text
