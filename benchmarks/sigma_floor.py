@@ -49,7 +49,7 @@ def _row(job: tuple[str, float, dict]) -> dict:
     cfg = {**CONFIGS[name], **base, "sigma_min": floor}
     torch.manual_seed(0)
     init = bonn_layers(build_model(TrainConfig.from_dict(cfg), 1, 10, 28))
-    sigma0 = min(float(m.sigma.min()) for m in init)
+    sigma0 = min(float(m.sigma.detach().min()) for m in init)
     epochs: list[dict] = []
     t0 = time.monotonic()
     out = {"config": name, "sigma_min": floor, "params": CONFIGS[name], "initial_min_sigma": sigma0}

@@ -303,10 +303,10 @@ def test_trainer_keeps_sigma_at_or_above_sigma_min():
     torch.manual_seed(0)
     model = build_model(cfg, 1, 10, 8)
     tr = Trainer(cfg, model, 10, torch.device("cpu"), steps_per_epoch=2, log=None)
-    assert min(float(m.sigma.min()) for m in tr.layers) < 5e-3  # small latent weights start below the floor
+    assert min(float(m.sigma.detach().min()) for m in tr.layers) < 5e-3  # small latent weights start below the floor
     tr.set_epoch(0)
     tr.train_step(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
-    assert min(float(m.sigma.min()) for m in tr.layers) >= np.float32(5e-3)  # the floor in the weights' dtype
+    assert min(float(m.sigma.detach().min()) for m in tr.layers) >= np.float32(5e-3)  # the floor in the weights' dtype
 
 
 # ---------------------------------------------------------------- feature loss (Eq. 8)
