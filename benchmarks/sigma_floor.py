@@ -3,14 +3,17 @@ diverged, and the paper's point, trained with the old floor (1e-8) and the new d
 
 Why a floor matters: the prior term of the kernel loss pulls each |X_ik| towards mu_i with stiffness
 ``lam nu / sigma_i^2`` and moves sigma by ``lam nu / sigma_i (1 - mean d^2 / sigma_i^2)`` (Eqs. 13, 18).
-Both grow without bound as sigma shrinks, and the term itself shrinks sigma by contracting |X| around mu.
-With plain SGD, once ``lr lam nu / sigma^2`` passes ~1 the updates overshoot: sigma is pushed below zero,
-clamped to the floor, and at a floor of 1e-8 the next step's gradient is ~1e16 times too large (NaN).
+Both grow without bound as sigma shrinks, and small latent weights start with a small sigma: an SGD step
+(with momentum) can carry a sigma to or below zero, the clamp sets it to the floor, and at a floor of
+1e-8 the next steps' prior gradients are ~1e9 times too large (NaN a few steps later).
 
 Rows: each configuration x each floor, ``fit`` on Fashion-MNIST (Debian ``dataset-fashion-mnist``), small
-CNN, seed 0; prints val accuracy per epoch, whether training diverged, and the smallest sigma at the end.
+CNN, seed 0; prints val accuracy per epoch, whether training diverged, and the smallest sigma at init.
+``--trace FLOOR``: instead, the diverged configuration step by step (smallest sigma, lr lam nu / sigma^2,
+the loss) until it diverges or 400 steps.
 
     .venv/bin/python benchmarks/sigma_floor.py --data /usr/share/datasets/fashion-mnist --epochs 1 --jobs 2
+    .venv/bin/python benchmarks/sigma_floor.py --trace 1e-8
 """
 
 from __future__ import annotations
@@ -65,15 +68,52 @@ def _row(job: tuple[str, float, dict]) -> dict:
     return out
 
 
+def trace(floor: float, base: dict, steps: int = 400) -> None:
+    """The diverged configuration's first steps: smallest sigma and the prior term's stiffness per step."""
+    import math
+
+    import torch
+
+    from trainables.config import TrainConfig
+    from trainables.data import DeviceData
+    from trainables.models import build_model
+    from trainables.train import Trainer
+
+    cfg = TrainConfig.from_dict({**DIVERGED, **base, "sigma_min": floor})
+    dev = torch.device("cpu")
+    data = DeviceData.from_config(cfg, dev)
+    torch.manual_seed(cfg.seed)
+    tr = Trainer(cfg, build_model(cfg, data.in_channels, data.num_classes, data.image_size), data.num_classes, dev,
+                 steps_per_epoch=steps, log=None)
+    tr.set_epoch(0)
+    g = torch.Generator()
+    g.manual_seed(cfg.seed)
+    for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, g)):
+        tr.train_step(x, y)
+        loss = tr.read_sums()["train_loss"]
+        tr.reset_sums()
+        sigma = min(float(m.sigma.detach().min()) for m in tr.layers)
+        stiff = cfg.lr * cfg.lam * cfg.nu / sigma ** 2
+        if i % 10 == 0 or not math.isfinite(loss) or sigma <= floor * 1.0001:
+            print(f"step {i}: loss {loss:.4g}, smallest sigma {sigma:.3g}, lr*lam*nu/sigma^2 {stiff:.3g}", flush=True)
+        if not math.isfinite(loss) or i + 1 >= steps:
+            break
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--trace", type=float, default=None, metavar="FLOOR",
+                    help="trace the diverged configuration at this sigma_min, step by step")
     a = ap.parse_args(argv)
     base = {"model": "small_cnn", "dataset": "fashion_mnist", "data_root": a.data, "epochs": a.epochs,
             "batch_size": 128, "binarize": "bonn", "device": "cpu", "seed": 0}
+    if a.trace is not None:
+        trace(a.trace, base)
+        return 0
     jobs = [(n, f, base) for n in CONFIGS for f in FLOORS]
     with mp.get_context("spawn").Pool(a.jobs) as pool:
         rows = pool.map(_row, jobs)
