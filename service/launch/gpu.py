@@ -138,7 +138,7 @@ def _control_program() -> str:
     path = shutil.which(MPS_CONTROL)
     if path is None:
         raise MpsError(f"MPS: {MPS_CONTROL} is not on PATH (it comes with the NVIDIA driver; inside a container "
-                       f"it needs the NVIDIA Container Toolkit's utility capability); run without MPS")
+                       f"it needs the NVIDIA Container Toolkit's compute capability); run without MPS")
     return path
 
 
