@@ -118,17 +118,18 @@ class Mps:
         return "\n".join(lines[-n:]) or "(control.log is empty)"
 
 
-def mps_for(folder: str | Path) -> Mps:
+def mps_for(folder: str | Path, create: bool = True) -> Mps:
     """The directories of the MPS daemon that belongs to ``folder`` (a stack's home, a benchmark's work
     dir): ``{folder}/mps/{pipe,log}``, or, when that pipe path is too long for a unix socket, a folder
-    under /tmp named after ``folder`` (so it is found again by the same folder). Created, mode 0700."""
+    under /tmp named after ``folder`` (so it is found again by the same folder). Created, mode 0700,
+    unless ``create`` is false (a check before starting: a refused start leaves nothing behind)."""
     folder = Path(folder).expanduser().absolute()
     pipe, log = folder / "mps" / "pipe", folder / "mps" / "log"
     if len(str(pipe)) > MAX_PIPE_DIR_LEN:
         tag = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
         base = Path(tempfile.gettempdir()) / f"bsmps-{os.getuid()}-{tag}"
         pipe, log = base / "pipe", base / "log"
-    for d in (pipe, log):
+    for d in (pipe, log) if create else ():
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
     return Mps(str(pipe), str(log))
@@ -192,8 +193,8 @@ def running_mps(folder: str | Path, *, timeout_s: float = 20.0, need_gpus: bool 
     """An MPS daemon of our own for the duration of the block: started in the foreground as a child in
     its own session, ``CUDA_MPS_*`` set in ``os.environ`` (so processes started inside the block are its
     clients), then quit and stopped, and the environment restored. :class:`MpsError` if it cannot start."""
+    cmd = mps_command(mps_for(folder, create=False), need_gpus=need_gpus)
     mps = mps_for(folder)
-    cmd = mps_command(mps, need_gpus=need_gpus)
     with open(Path(mps.log_dir) / "daemon.out", "ab") as out:
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                  env={**os.environ, **mps.env()}, start_new_session=True)

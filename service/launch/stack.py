@@ -178,11 +178,11 @@ def start_mps(stack: Stack, env: dict[str, str], timeout_s: float = 30.0) -> Non
     """The stack's MPS daemon (``nvidia-cuda-mps-control -f``, a child in its own session recorded as
     ``procs["mps"]``), answering before this returns; :class:`StackError` in one line if it cannot."""
     home = Path(stack.home)
-    mps = mps_for(home)
     try:
-        cmd = mps_command(mps)
+        cmd = mps_command(mps_for(home, create=False))
     except MpsError as exc:
         raise StackError(str(exc)) from None
+    mps = mps_for(home)
     stack.mps_dirs = (mps.pipe_dir, mps.log_dir)
     proc, popen = spawn("mps", cmd, home / "logs" / "mps.log", {**env, **mps.env()}, cwd=home)
     stack.procs["mps"] = proc

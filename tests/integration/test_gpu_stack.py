@@ -92,7 +92,7 @@ def test_up_refuses_what_cannot_work_in_one_line_and_starts_nothing(tmp_path, ar
     r = _up(home, *args, env=env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert message in r.stderr + r.stdout and "Traceback" not in r.stderr + r.stdout
-    assert not (home / STACK_FILE).exists()
+    assert not (home / STACK_FILE).exists() and not (home / "mps").exists()
     assert not list((home / "logs").glob("*.log")) if (home / "logs").exists() else True
 
 

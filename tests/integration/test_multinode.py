@@ -233,8 +233,12 @@ def test_worker_node_lost_mid_trial_resumes_from_checkpoint(nodes):
         else:
             assert old == list(range(1, epochs + 1)), (tid, old, new)
         if old and new:  # cut by the node loss, retried on the new node from its last checkpoint
-            resumed += 1
-            assert 1 < new[0] <= old[-1] + 1, (tid, old, new)  # resumed, not restarted from epoch 1
+            assert new[0] <= old[-1] + 1, (tid, old, new)
+            if tid in before:  # its epoch result (and checkpoint) was recorded before the kill
+                resumed += 1
+                assert 1 < new[0], (tid, old, new)  # resumed, not restarted from epoch 1
+            # else: its first result reached the driver as the node died, before its checkpoint was
+            # recorded: trained again from epoch 1 (at-least-once), which is allowed
         summary.append(f"{tid}: old node {old} new node {new}")
     print(f"[multinode] {resumed} trial(s) resumed from a checkpoint on the new node: " + "; ".join(summary))
     assert resumed >= 1
