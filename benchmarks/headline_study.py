@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+import yaml
 import os
 import sys
 import time
@@ -38,9 +40,15 @@ def spec_for(a: argparse.Namespace) -> dict:
         base["data_root"] = str(Path(a.data_root).resolve())
     if a.device:
         base["device"] = a.device
+    for item in a.set or []:  # --set key=value: any trial-config key for every trial (YAML scalars)
+        key, _, raw = item.partition("=")
+        base[key] = yaml.safe_load(raw)
+    space: str | dict = a.space
+    if a.space.endswith((".yaml", ".yml", ".json")):  # a space file, sent inline (the API reads no file)
+        space = yaml.safe_load(Path(a.space).read_text())
     return {
         "name": a.name,
-        "search_space": a.space,
+        "search_space": space,
         "base": base,
         "objective": {"metric": "val_acc", "mode": "max", "selection": "last"},
         "sampler": {"type": "tpe", "seed": 0},
@@ -92,7 +100,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--home", default=None, help="stack home (default: <out>/../headline-home, or $WORK)")
     ap.add_argument("--name", default="headline-cifar10")
-    ap.add_argument("--space", default="bonn-paper")
+    ap.add_argument("--space", default="bonn-paper", help="a preset name, or a .yaml/.json space file (sent inline)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a trial-config key for every trial (the base), repeatable: --set lr=0.6")
     ap.add_argument("--dataset", default="npz")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--model", default="wrn22")
