@@ -7,7 +7,7 @@ Both grow without bound as sigma shrinks, and small latent weights start with a 
 (with momentum) can carry a sigma to or below zero, the clamp sets it to the floor, and at a floor of
 1e-8 the next steps' prior gradients are ~1e9 times too large (NaN a few steps later).
 
-Rows: each configuration x each floor, ``fit`` on Fashion-MNIST (Debian ``dataset-fashion-mnist``), small
+Rows: each configuration x each floor (``auto``: the default, ``max(1e-4, sqrt(lr lam nu))``), ``fit`` on Fashion-MNIST (Debian ``dataset-fashion-mnist``), small
 CNN, seed 0; prints val accuracy per epoch, whether training diverged, and the smallest sigma at init.
 ``--trace FLOOR``: instead, the diverged configuration step by step (smallest sigma, lr lam nu / sigma^2,
 the loss) until it diverges or 400 steps.
@@ -34,8 +34,11 @@ DIVERGED = {"lam": 0.007156, "theta": 0.000342, "nu": 0.001469, "lr": 0.013049, 
 #: the space's warm start: the paper's CIFAR values
 PAPER = {"lam": 1e-4, "theta": 1e-3, "nu": 1e-4, "lr": 0.01, "weight_decay": 5e-4, "optimizer": "sgd",
          "latent_init_scale": 1.0}
-CONFIGS = {"diverged trial": DIVERGED, "paper point": PAPER}
-FLOORS = (1e-8, 1e-4)
+#: trial 7 of the loss-weights study (recipe fixed at lr 0.6), NaN in epoch 1 at the 1e-4 floor
+DIVERGED_AT_1E4 = {"lam": 0.0013, "theta": 0.0302, "nu": 0.00821, "lr": 0.6, "weight_decay": 0.0006,
+                   "optimizer": "sgd", "latent_init_scale": 0.45}
+CONFIGS = {"diverged trial": DIVERGED, "paper point": PAPER, "diverged at 1e-4": DIVERGED_AT_1E4}
+FLOORS = (1e-8, 1e-4, "auto")
 
 
 def _row(job: tuple[str, float, dict]) -> dict:
@@ -55,7 +58,8 @@ def _row(job: tuple[str, float, dict]) -> dict:
     sigma0 = min(float(m.sigma.detach().min()) for m in init)
     epochs: list[dict] = []
     t0 = time.monotonic()
-    out = {"config": name, "sigma_min": floor, "params": CONFIGS[name], "initial_min_sigma": sigma0}
+    out = {"config": name, "sigma_min": floor, "floor": TrainConfig.from_dict(cfg).sigma_floor(),
+           "params": CONFIGS[name], "initial_min_sigma": sigma0}
     try:
         res = fit(cfg, report=epochs.append, log=lambda _m: None)
         out.update(diverged=False, test_acc=res.get("test_acc"))
@@ -63,7 +67,7 @@ def _row(job: tuple[str, float, dict]) -> dict:
         out.update(diverged=True, error=f"{type(exc).__name__}: {str(exc)[:160]}")
     out["val_acc"] = [round(e["val_acc"], 4) for e in epochs]
     out["minutes"] = round((time.monotonic() - t0) / 60, 2)
-    print(f"[row] {name} sigma_min={floor:g}: " + ("DIVERGED" if out["diverged"] else f"val {out['val_acc']}"),
+    print(f"[row] {name} sigma_min={floor}: " + ("DIVERGED" if out["diverged"] else f"val {out['val_acc']}"),
           flush=True)
     return out
 
@@ -106,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"of {list(CONFIGS)}, comma-separated")
+    ap.add_argument("--floors", default=",".join(str(f) for f in FLOORS),
+                    help="sigma_min values (numbers or auto), comma-separated")
     ap.add_argument("--trace", type=float, default=None, metavar="FLOOR",
                     help="trace the diverged configuration at this sigma_min, step by step")
     a = ap.parse_args(argv)
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
     if a.trace is not None:
         trace(a.trace, base)
         return 0
-    jobs = [(n, f, base) for n in CONFIGS for f in FLOORS]
+    jobs = [(n, f if f == "auto" else float(f), base) for n in a.configs.split(",") for f in a.floors.split(",")]
     with mp.get_context("spawn").Pool(a.jobs) as pool:
         rows = pool.map(_row, jobs)
     if a.out:
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         test = f"{r['test_acc']:.4f}" if r.get("test_acc") is not None else "-"
-        print(f"| {r['config']} | {r['sigma_min']:g} | {r['initial_min_sigma']:.2g} | {' '.join(f'{v:.3f}' for v in r['val_acc']) or '-'} | "
+        print(f"| {r['config']} | {r['sigma_min']} (floor {r['floor']:.2g}) | {r['initial_min_sigma']:.2g} | {' '.join(f'{v:.3f}' for v in r['val_acc']) or '-'} | "
               f"{test} | {'yes: ' + r['error'] if r['diverged'] else 'no'} |")
     return 0
 

@@ -198,6 +198,14 @@ def _optional_ge0(name, v):
     return _ge(0)(name, v)
 
 
+def _sigma_min(name, v):
+    if v == "auto":
+        return v
+    if _is_real(v) and math.isfinite(float(v)) and float(v) > 0:
+        return float(v)
+    raise ConfigError(name, "must be 'auto' or a number > 0", v)
+
+
 def _w_init(name, v):
     if v == "mean_abs":
         return v
@@ -278,20 +286,21 @@ class BonnUpdatesConfig:
     """When and how BONN's own terms and parameters move: the feature loss from epoch
     ``feature_loss_start_epoch`` (0-based), the class centres by the center-loss rule at the fixed rate
     ``center_lr``, ``mu``/``sigma`` by the optimiser (``sgd``) or set to their exact minimisers after
-    each step (``closed_form``), and kept at ``sigma >= sigma_min`` after each step (the paper keeps
-    sigma positive without a bound: a floor near 0 lets the prior term's stiffness ``lam nu / sigma^2``
-    grow without limit as it contracts |X|, and SGD then diverges; benchmarks/RESULTS.md, "A floor under
-    the prior's sigma")."""
+    each step (``closed_form``), and kept at ``sigma >= sigma_min`` after each step. The paper keeps
+    sigma positive without a bound; near 0 the prior term's stiffness ``lam nu / sigma^2`` has no limit
+    and SGD diverges once ``lr lam nu / sigma^2`` is large (benchmarks/RESULTS.md, "A floor under the
+    prior's sigma"). ``auto`` = ``max(1e-4, sqrt(lr * latent_lr_ratio * lam * nu))``: the sigma at which
+    one latent-kernel step of the prior term is at most 1x its distance to mu (:meth:`TrainConfig.sigma_floor`)."""
 
     feature_loss_start_epoch: int = 0
     center_lr: float = 0.5
     mu_sigma_update: str = "sgd"
-    sigma_min: float = 1e-4
+    sigma_min: float | str = "auto"
 
 
 def _validate_bonn_updates(v: Mapping[str, Any]) -> dict[str, Any]:
     return _apply({"feature_loss_start_epoch": _int_ge(0), "center_lr": _gt(0),
-                   "mu_sigma_update": _choice(MU_SIGMA_UPDATES), "sigma_min": _gt(0)}, v)
+                   "mu_sigma_update": _choice(MU_SIGMA_UPDATES), "sigma_min": _sigma_min}, v)
 
 
 # ====================================================================== chapter 5: model
@@ -429,6 +438,12 @@ class TrainConfig(RuntimeConfig, DataConfig, ModelConfig, BonnUpdatesConfig, Sch
     def replace(self, **changes: Any) -> "TrainConfig":
         """A validated copy with some fields changed."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def sigma_floor(self) -> float:
+        """``sigma_min`` as a number: ``auto`` = ``max(1e-4, sqrt(lr * latent_lr_ratio * lam * nu))``."""
+        if self.sigma_min != "auto":
+            return float(self.sigma_min)
+        return max(1e-4, math.sqrt(self.lr * self.latent_lr_ratio * self.lam * self.nu))
 
 
 TRIAL_CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))

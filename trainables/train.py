@@ -108,6 +108,7 @@ class Trainer:
             self.feature_loss = BayesianFeatureLoss(num_classes, model.feature_dim, cfg.theta,
                                                     cfg.center_lr).to(device)
         self.kernel_on = self.bonn and cfg.lam > 0
+        self.sigma_floor = cfg.sigma_floor()  # the prior's sigma stays >= this after each step
         self.feature_on = False  # switched per epoch by set_epoch
         self.xnor_weights = ([m.weight for m in self.model.modules() if getattr(m, "_backbone_conv", False)]
                              if cfg.binarize == "xnor" else [])
@@ -267,8 +268,8 @@ class Trainer:
     def _after_step(self) -> None:
         if self.layers:
             if self.cfg.mu_sigma_update == "closed_form":
-                closed_form_mu_sigma_(self.layers, sigma_min=self.cfg.sigma_min)
-            clamp_prior_(self.layers, sigma_min=self.cfg.sigma_min)
+                closed_form_mu_sigma_(self.layers, sigma_min=self.sigma_floor)
+            clamp_prior_(self.layers, sigma_min=self.sigma_floor)
         if self.xnor_weights:
             torch._foreach_clamp_min_(self.xnor_weights, -1.0)
             torch._foreach_clamp_max_(self.xnor_weights, 1.0)
@@ -361,7 +362,8 @@ def _log_choices(cfg: TrainConfig, data: DeviceData, device, amp, cl, log) -> No
     log(f"[I] schedule={cfg.schedule} (step milestones at epochs {ms}, gamma {cfg.lr_gamma}), "
         f"warmup_epochs={cfg.warmup_epochs}; centers lr fixed at center_lr={cfg.center_lr}; "
         f"feature loss from epoch {cfg.feature_loss_start_epoch} (0-based); mu_sigma_update={cfg.mu_sigma_update}"
-        f"; after each step mu >= 1e-8 and sigma >= sigma_min={cfg.sigma_min}; xnor latent weights clipped to [-1, 1]")
+        f"; after each step mu >= 1e-8 and sigma >= {cfg.sigma_floor():.3g} (sigma_min={cfg.sigma_min})"
+        f"; xnor latent weights clipped to [-1, 1]")
     log(f"[I] data {data!r}; val split stratified, seed={cfg.seed}, val_fraction={cfg.val_fraction}; "
         f"normalisation mean={['%.4f' % m for m in data.mean]} std={['%.4f' % s for s in data.std]}")
     log(f"[I] device={device} amp(bf16)={amp} channels_last={cl} compile={cfg.compile} "

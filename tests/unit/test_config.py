@@ -17,7 +17,7 @@ DEFAULTS = {
     "lam": 1e-4, "theta": 1e-3, "nu": 1e-4, "lr": 0.01, "lr_slow_ratio": 0.1, "momentum": 0.9,
     "weight_decay": 5e-4, "optimizer": "sgd", "adam_beta2": 0.999, "latent_lr_ratio": 1.0,
     "latent_weight_decay": None, "schedule": "step", "lr_milestones": [0.3, 0.6, 0.8], "lr_gamma": 0.2,
-    "warmup_epochs": 0, "feature_loss_start_epoch": 0, "center_lr": 0.5, "mu_sigma_update": "sgd", "sigma_min": 1e-4,
+    "warmup_epochs": 0, "feature_loss_start_epoch": 0, "center_lr": 0.5, "mu_sigma_update": "sgd", "sigma_min": "auto",
     "latent_init_scale": 1.0, "w_init": "mean_abs", "ste_clip": 1.0, "act_clip": 1.0,
     "model": "small_cnn", "width": 16, "block_style": "plain", "shortcut": "fp_1x1", "dropout": 0.0,
     "binarize": "bonn", "dataset": "digits", "data_root": None, "epochs": 10, "batch_size": 128,
@@ -159,3 +159,16 @@ def test_config_error_pickles_with_its_fields():
     err = pickle.loads(pickle.dumps(ConfigError("lam", "must be >= 0", -1)))
     assert (err.field, err.rule, err.value, str(err)) == ("lam", "must be >= 0", -1, "lam: must be >= 0 (got -1)")
     assert trainables.ConfigError is ConfigError
+
+
+def test_sigma_min_is_auto_or_a_positive_number():
+    cfg = TrainConfig.from_dict({})
+    assert cfg.sigma_min == "auto" and cfg.sigma_floor() == 1e-4  # the paper's point: sqrt(lr lam nu) = 1e-5
+    big = TrainConfig.from_dict({"lr": 0.6, "lam": 1.3e-3, "nu": 8.2e-3})
+    assert big.sigma_floor() == pytest.approx((0.6 * 1.3e-3 * 8.2e-3) ** 0.5)
+    assert TrainConfig.from_dict({"lr": 0.6, "latent_lr_ratio": 0.1, "lam": 1.3e-3, "nu": 8.2e-3}).sigma_floor() \
+        == pytest.approx((0.06 * 1.3e-3 * 8.2e-3) ** 0.5)
+    assert TrainConfig.from_dict({"sigma_min": 0.003, "lr": 0.6}).sigma_floor() == 0.003
+    for bad in (0, -1e-4, "never", float("nan")):
+        with pytest.raises(ConfigError, match="sigma_min"):
+            TrainConfig.from_dict({"sigma_min": bad})

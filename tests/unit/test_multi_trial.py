@@ -223,3 +223,21 @@ def test_members_must_share_the_architecture():
     models = _models([cfgs[0], other])
     with pytest.raises(ValueError, match="width"):
         MultiTrainer([cfgs[0], other], models, M, CPU, STEPS_PER_EPOCH)
+
+
+def test_each_member_keeps_its_own_sigma_floor():
+    """``sigma_min: auto`` differs per member (it follows lr, lam, nu): a member's sigma is lifted to its
+    own floor, not to another member's."""
+    cfgs = _configs("small_cnn")
+    floors = [c.sigma_floor() for c in cfgs]
+    assert floors[1] == 1e-4 and floors[0] > 1e-3  # member 1 has lam = 0; member 0 a large lr * lam * nu
+    pack = MultiTrainer(cfgs, _models(cfgs), M, CPU, STEPS_PER_EPOCH)
+    with torch.no_grad():
+        for m in pack.layers:
+            m.sigma.view(len(cfgs), -1)[1] = 1e-6
+    pack.set_epoch(0)
+    pack.train_step(*_batches(1)[0])
+    for m in pack.layers:
+        per = m.sigma.detach().view(len(cfgs), -1)
+        assert torch.all(per[1] == torch.tensor(1e-4, dtype=per.dtype))
+        assert all(float(per[k].min()) >= floors[k] * (1 - 1e-6) for k in range(len(cfgs)))

@@ -8,10 +8,8 @@ are per member by construction; the FC is a batched matmul. The model code of ``
 runs unchanged. The losses are ``(K,)`` vectors (cross-entropy, :func:`member_kernel_loss`,
 :class:`MemberFeatureLoss`) and the step backpropagates their sum: members share no parameter, so each
 gets its own member's gradient. :class:`MemberSGD` steps all members with per-member lr / momentum /
-weight decay device tensors. The reference stays the specification: ``tests/unit/test_multi_trial.py``
-checks K fused members against K separate ``Trainer`` runs. Supported: ``binarize="bonn"``, SGD,
-``mu_sigma_update="sgd"``; not: xnor/none, Adam, closed-form mu/sigma, data parallelism.
-"""
+weight decay device tensors; ``tests/unit/test_multi_trial.py`` checks K members against K ``Trainer``
+runs. Supported: bonn, SGD, ``mu_sigma_update="sgd"`` (not xnor/none, Adam, closed form, DDP)."""
 
 from __future__ import annotations
 
@@ -35,8 +33,7 @@ __all__ = ["MemberFeatureLoss", "MemberSGD", "MultiTrainer", "PACK_KEYS", "membe
 
 #: config keys every member of a pack must share (the architecture, the data stream, the run length)
 PACK_KEYS = ("model", "width", "block_style", "shortcut", "dropout", "binarize", "ste_clip", "act_clip",
-             "dataset", "data_root", "val_fraction", "batch_size", "epochs", "optimizer", "mu_sigma_update",
-             "sigma_min")
+             "dataset", "data_root", "val_fraction", "batch_size", "epochs", "optimizer", "mu_sigma_update")
 
 
 # ============================================================================ per-member math
@@ -359,6 +356,7 @@ class MultiTrainer:
 
         self.lam, self.nu, self.theta = (torch.tensor([float(getattr(c, k)) for c in cfgs], device=device)
                                          for k in ("lam", "nu", "theta"))
+        self.sigma_floor = torch.tensor([c.sigma_floor() for c in cfgs], device=device).view(K, 1)  # per member
         self.theta_on = torch.zeros(K, device=device)  # theta while a member's feature loss is on, else 0
         self.feature_on = [False] * K
         # roles and per-member group settings: trainables.optim's own groups of each member
@@ -459,7 +457,9 @@ class MultiTrainer:
         per_member = ce + kl + fl
         per_member.sum().backward()  # members share no parameter: each gets its own member's gradient
         self.optimizer.step()
-        clamp_prior_(self.layers, sigma_min=self.cfgs[0].sigma_min)
+        clamp_prior_(self.layers)  # mu, sigma >= 1e-8, then each member's own sigma floor
+        for v in (m.sigma.detach().view(K, -1) for m in self.layers):
+            torch.maximum(v, self.sigma_floor, out=v)
         with torch.no_grad():
             self._sums += torch.stack([per_member, ce, kl, fl], 1).detach()
             self._correct += (logits.detach().argmax(2) == y[:, None]).sum(0)
