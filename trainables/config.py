@@ -198,20 +198,19 @@ def _optional_ge0(name, v):
     return _ge(0)(name, v)
 
 
-def _sigma_min(name, v):
-    if v == "auto":
-        return v
-    if _is_real(v) and math.isfinite(float(v)) and float(v) > 0:
-        return float(v)
-    raise ConfigError(name, "must be 'auto' or a number > 0", v)
+def _word_or_positive(word: str):
+    """Rule: the string ``word``, or a finite number > 0 (as a float)."""
+    def rule(name, v):
+        if v == word:
+            return v
+        if _is_real(v) and math.isfinite(float(v)) and float(v) > 0:
+            return float(v)
+        raise ConfigError(name, f"must be '{word}' or a number > 0", v)
+    return rule
 
 
-def _w_init(name, v):
-    if v == "mean_abs":
-        return v
-    if _is_real(v) and math.isfinite(float(v)) and float(v) > 0:
-        return float(v)
-    raise ConfigError(name, "must be 'mean_abs' or a number > 0", v)
+_sigma_min = _word_or_positive("auto")
+_w_init = _word_or_positive("mean_abs")
 
 
 Rules = Mapping[str, Callable[[str, Any], Any]]

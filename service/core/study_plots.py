@@ -10,7 +10,7 @@ page works offline). :func:`figures_html` gives the same plots as HTML fragments
 
 Each drawing reads the study once: :func:`render` (and the report) work on :func:`snapshot`, an
 in-memory copy of its trials, so a refresh costs one read of the storage however many plots query
-the trials; and fANOVA is fitted once per drawing (:class:```fanova_once``), though the importances, the
+the trials; and fANOVA is fitted once per drawing (:func:`fanova_once`), though the importances, the
 PNG and the HTML importance plot all ask for it.
 
 Plots need at least two finished trials with a value; a plot Optuna cannot draw for the study (a
@@ -175,13 +175,15 @@ def _trial_number(label: str) -> int | None:
 
 def render(study, out_dir: str, target_name: str = "val_acc", png: bool = True, html: bool = True) -> dict[str, Any]:
     """Draw the study into ``out_dir``: ``<plot>.png``, ``study.html``, ``importances.json``.
-    Returns ``{"plots": [names drawn], "skipped": {name: why}, "importances": {...}, "html": path|None}``."""
+    Returns ``{"plots": [names drawn], "skipped": {name: why}, "importances": {...}, "html": path|None,
+    "finished": finished trials drawn}``."""
     import optuna
 
     os.makedirs(out_dir, exist_ok=True)
     result: dict[str, Any] = {"plots": [], "skipped": {}, "importances": {}, "html": None}
     study = snapshot(study)
-    if len(finished_trials(study)) < 2:
+    result["finished"] = len(finished_trials(study))
+    if result["finished"] < 2:
         result["skipped"] = {name: "fewer than two finished trials" for name in PLOTS}
         return result
     ev = fanova_once()

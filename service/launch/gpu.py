@@ -36,8 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MPS_CONTROL", "Mps", "MpsError", "mps_command", "mps_for", "running_mps", "visible_gpus",
-           "wait_mps_ready"]
+__all__ = ["MPS_CONTROL", "Mps", "MpsError", "env_flag", "mps_command", "mps_for", "prepare_mps", "running_mps",
+           "visible_gpus", "wait_mps_ready"]
 
 #: the MPS control program (ships with the NVIDIA driver)
 MPS_CONTROL = "nvidia-cuda-mps-control"
@@ -48,6 +48,19 @@ MAX_PIPE_DIR_LEN = 80
 
 class MpsError(RuntimeError):
     """The MPS daemon cannot start (or answer): the message says why in one line, plus a log tail."""
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A boolean environment variable (1/true/yes/on, 0/false/no/off; unset or empty: ``default``);
+    ValueError naming it otherwise."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}: expected 1/true/yes/on or 0/false/no/off, got {raw!r}")
 
 
 def visible_gpus() -> int:
@@ -157,6 +170,13 @@ def mps_command(mps: Mps, *, need_gpus: bool = True) -> list[str]:
     return [program, "-f"]
 
 
+def prepare_mps(folder: str | Path, *, need_gpus: bool = True) -> tuple[Mps, list[str]]:
+    """``folder``'s daemon directories and its command, the checks of :func:`mps_command` made before
+    the directories are created (a refused start leaves nothing behind)."""
+    cmd = mps_command(mps_for(folder, create=False), need_gpus=need_gpus)
+    return mps_for(folder), cmd
+
+
 def wait_mps_ready(mps: Mps, popen: subprocess.Popen, timeout_s: float = 20.0) -> float:
     """Wait until the daemon run by ``popen`` answers; the seconds waited. :class:`MpsError` with the
     end of its log if it exits first or does not answer within ``timeout_s``."""
@@ -193,8 +213,7 @@ def running_mps(folder: str | Path, *, timeout_s: float = 20.0, need_gpus: bool 
     """An MPS daemon of our own for the duration of the block: started in the foreground as a child in
     its own session, ``CUDA_MPS_*`` set in ``os.environ`` (so processes started inside the block are its
     clients), then quit and stopped, and the environment restored. :class:`MpsError` if it cannot start."""
-    cmd = mps_command(mps_for(folder, create=False), need_gpus=need_gpus)
-    mps = mps_for(folder)
+    mps, cmd = prepare_mps(folder, need_gpus=need_gpus)
     with open(Path(mps.log_dir) / "daemon.out", "ab") as out:
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                  env={**os.environ, **mps.env()}, start_new_session=True)

@@ -21,22 +21,10 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from service.launch.gpu import MpsError, running_mps
+from service.launch.gpu import MpsError, env_flag, running_mps
 
 DEFAULT_MPS_DIR = "/tmp/bonn-sweep-node"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    """A boolean environment variable (1/true/yes/on, 0/false/no/off); ValueError names it otherwise."""
-    raw = os.environ.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}: expected 1/true/yes/on or 0/false/no/off, got {raw!r}")
 
 
 def run_child(cmd: Sequence[str]) -> int:

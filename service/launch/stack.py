@@ -38,7 +38,7 @@ from pathlib import Path
 
 from service.core.db import DatabaseUnavailable, DatabaseUrlError, derive_urls, ensure_databases, redact
 from service.launch.api_server import ensure_stack_key, start_api
-from service.launch.gpu import MpsError, mps_command, mps_for, visible_gpus, wait_mps_ready
+from service.launch.gpu import MpsError, prepare_mps, visible_gpus, wait_mps_ready
 from service.launch.mlflow_server import mlflow_health_url, spawn_mlflow
 from service.launch.optuna_dashboard import available as optuna_dashboard_available
 from service.launch.optuna_dashboard import optuna_dashboard_health_url, spawn_optuna_dashboard
@@ -179,10 +179,9 @@ def start_mps(stack: Stack, env: dict[str, str], timeout_s: float = 30.0) -> Non
     ``procs["mps"]``), answering before this returns; :class:`StackError` in one line if it cannot."""
     home = Path(stack.home)
     try:
-        cmd = mps_command(mps_for(home, create=False))
+        mps, cmd = prepare_mps(home)
     except MpsError as exc:
         raise StackError(str(exc)) from None
-    mps = mps_for(home)
     stack.mps_dirs = (mps.pipe_dir, mps.log_dir)
     proc, popen = spawn("mps", cmd, home / "logs" / "mps.log", {**env, **mps.env()}, cwd=home)
     stack.procs["mps"] = proc

@@ -11,6 +11,7 @@ from typing import Any
 from service.launch.api_client import client, home_of
 from service.launch.cli_errors import CliError
 from service.launch.display import console, fmt, print_urls, say_dim
+from service.launch.gpu import env_flag
 from service.launch.processes import StackError
 from service.launch.stack import start_stack, stop_stack
 from service.launch.stack_record import Stack
@@ -33,12 +34,10 @@ def want_mps(flag: bool | None) -> bool:
     """``--mps``, else ``BONN_SWEEP_MPS`` (1/true/yes/on); anything else there is a :class:`CliError`."""
     if flag is not None:
         return bool(flag)
-    raw = os.environ.get("BONN_SWEEP_MPS", "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise CliError(f"BONN_SWEEP_MPS: expected 1/true/yes/on or 0/false/no/off, got {raw!r}")
+    try:
+        return env_flag("BONN_SWEEP_MPS")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from service.core.mlflow_calls import mlflow_call, reachable
-from service.core.study_plots import finished_trials, render
+from service.core.study_plots import render
 
 logger = logging.getLogger("bonn_sweep.analysis")
 
@@ -55,9 +55,9 @@ class StudyAnalysis:
             from mlflow import MlflowClient
             from mlflow.entities import Metric
 
-            step = len(finished_trials(study))
             with tempfile.TemporaryDirectory(prefix="bonn-analysis-") as tmp:
-                res = render(study, tmp, self.target_name)
+                res = render(study, tmp, self.target_name)  # reads the study once (a snapshot)
+                step = res["finished"]
                 if not res["plots"] and not res["html"]:
                     return res
                 client = MlflowClient(self.tracking_uri)
